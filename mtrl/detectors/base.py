@@ -1,0 +1,35 @@
+"""What every error-span detector returns, and the interface it implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from mtrl.spans import ErrorSpan
+
+
+@dataclass
+class Detection:
+    """Spans (sanitised, offsets into the hypothesis) and a sentence score (higher is better)."""
+
+    spans: list[ErrorSpan]
+    score: float
+    truncated: bool = False  # the input was cut (e.g. xCOMET's 512-subword limit)
+    extra: dict = field(default_factory=dict)
+
+
+class Detector(ABC):
+    """Marks error spans in batches of (source, hypothesis, optional reference)."""
+
+    name: str = "detector"
+    needs_reference: bool = False
+
+    @abstractmethod
+    def detect(
+        self,
+        sources: Sequence[str],
+        hypotheses: Sequence[str],
+        references: Sequence[str | None] | None = None,
+    ) -> list[Detection]:
+        """One :class:`Detection` per hypothesis, in input order."""
