@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from mtrl.errors import MtrlError
+
 SEVERITIES: tuple[str, ...] = ("minor", "major", "critical")
 
 
-class SpanError(ValueError):
+class SpanError(MtrlError, ValueError):
     """A span that cannot be used (unknown severity, outside its hypothesis...)."""
 
 
