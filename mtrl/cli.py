@@ -1,0 +1,208 @@
+"""The ``mtrl`` command line: ``score``, ``train`` and friends.
+
+User mistakes (bad files, bad options) print one ``mtrl: error: ...`` line on
+stderr and exit with status 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mtrl.errors import MtrlError
+
+SEVERITY_COLORS = {"minor": "33", "major": "31", "critical": "1;35"}
+
+
+# --------------------------------------------------------------------------- score
+def _parse_severity_map(spec: str) -> Any:
+    """``xcomet`` | ``wmt-mqm`` | ``minor=-1,major=-5,critical=-10`` | a JSON object."""
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            return json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise MtrlError(f"--severity-map: invalid JSON ({e.msg})") from None
+    if "=" in spec:
+        out = {}
+        for part in spec.split(","):
+            key, _, value = part.partition("=")
+            out[key.strip()] = value.strip()
+        return out
+    return spec
+
+
+def _field(row: dict[str, Any], names: tuple[str, ...]) -> Any:
+    for n in names:
+        if n in row:
+            return row[n]
+    return None
+
+
+def load_score_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Input rows as dicts with ``src``/``mt``/``ref`` (plus whatever else the input had)."""
+    from mtrl.detectors.gold import read_mqm_tsv
+    from mtrl.io import read_jsonl, read_lines
+
+    if args.input:
+        if args.src or args.hyp or args.ref:
+            raise MtrlError("give either --input or --src/--hyp/--ref, not both")
+        raw = read_mqm_tsv(args.input) if args.input.endswith(".tsv") else read_jsonl(args.input)
+        rows = []
+        for i, r in enumerate(raw, 1):
+            mt, src, ref = (_field(r, ("mt", "hypothesis")), _field(r, ("src", "source")),
+                            _field(r, ("ref", "reference")))
+            if not isinstance(mt, str):
+                raise MtrlError(f"{args.input}: row {i} has no text field 'mt' (or 'hypothesis')")
+            for name, v in (("src", src), ("ref", ref)):
+                if v is not None and not isinstance(v, str):
+                    raise MtrlError(f"{args.input}: row {i}: field '{name}' must be a string")
+            rows.append({**r, "src": src, "mt": mt, "ref": ref})
+        where = args.input
+    else:
+        if not args.hyp:
+            raise MtrlError("give the hypotheses: --input FILE.jsonl, or --hyp FILE (with --src/--ref)")
+        hyps = read_lines(args.hyp)
+        cols = {"mt": hyps}
+        for name, path in (("src", args.src), ("ref", args.ref)):
+            if path:
+                lines = read_lines(path)
+                if len(lines) != len(hyps):
+                    raise MtrlError(f"{path} has {len(lines)} lines but {args.hyp} has {len(hyps)}")
+                cols[name] = lines
+        rows = [{"src": cols.get("src", [None] * len(hyps))[i], "mt": h,
+                 "ref": cols.get("ref", [None] * len(hyps))[i]} for i, h in enumerate(hyps)]
+        where = args.hyp
+    if not rows:
+        raise MtrlError(f"{where}: no segments to score")
+    return rows
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from mtrl.detectors.gold import parse_spans
+    from mtrl.io import atomic_open
+    from mtrl.rewards import RewardConfig
+    from mtrl.score import score, summarize
+
+    reward = RewardConfig(mode=args.reward_mode, severity_map=_parse_severity_map(args.severity_map),
+                          token_rewards=args.token_rewards, no_error=args.no_error_reward,
+                          hybrid_weight=args.hybrid_weight)
+    rows = load_score_rows(args)
+    gold = None
+    if args.detector == "gold":
+        if any("error_spans" not in r for r in rows):
+            raise MtrlError("the gold detector reads spans from --input: JSON lines with 'error_spans' "
+                            "(or a Google MQM .tsv); some rows have none")
+        gold = [parse_spans(r["error_spans"], r["mt"], f"{args.input}: row {i}") for i, r in enumerate(rows, 1)]
+    options: dict[str, Any] = {}
+    if args.detector == "xcomet":
+        options = {"model": args.model or "Unbabel/XCOMET-XL", "batch_size": args.batch_size}
+    elif args.model:
+        raise MtrlError("--model is only used by --detector xcomet")
+    refs = [r["ref"] for r in rows]
+    segments = score(
+        [r["mt"] for r in rows],
+        [r["src"] or "" for r in rows],
+        None if all(x is None for x in refs) and args.detector != "reference" else refs,
+        detector=args.detector, detector_options=options, gold_spans=gold, tokenizer=args.tokenizer,
+        reward=reward, batch_size=args.batch_size, progress=len(rows) > 200 or args.progress,
+    )
+    if args.format == "jsonl":
+        text = "".join(json.dumps({**row, **seg.to_dict()}, ensure_ascii=False) + "\n"
+                       for row, seg in zip(rows, segments))
+    else:
+        color = args.output is None and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        text = "".join(render_pretty(i, seg, color) for i, seg in enumerate(segments, 1))
+    if args.output:
+        with atomic_open(args.output) as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    print(summarize(segments), file=sys.stderr)
+    return 0
+
+
+def render_pretty(index: int, seg: Any, color: bool) -> str:
+    """The hypothesis with its spans highlighted (ANSI colours, or [text]{severity} without)."""
+    parts, pos = [], 0
+    for sp in seg.spans:
+        if sp.start < pos:  # overlapping spans: show the first
+            continue
+        parts.append(seg.hypothesis[pos:sp.start])
+        text = seg.hypothesis[sp.start:sp.end]
+        parts.append(f"\033[{SEVERITY_COLORS[sp.severity]}m{text}\033[0m" if color else f"[{text}]{{{sp.severity}}}")
+        pos = sp.end
+    parts.append(seg.hypothesis[pos:])
+    out = f"#{index}  score {seg.score:.4f}  spans {len(seg.spans)}\n  {''.join(parts)}\n"
+    if seg.tokens is not None:
+        toks = " ".join(f"{t}:{r:g}" if r else t for t, r in zip(seg.tokens, seg.token_rewards))
+        out += f"  tokens: {toks}\n"
+    return out
+
+
+def add_score_parser(sub: Any) -> None:
+    from mtrl.detectors import DETECTORS
+    from mtrl.rewards import REWARD_MODES
+
+    p = sub.add_parser("score", help="mark error spans and compute token-level rewards",
+                       description="Score translations with an error-span detector; with --tokenizer also "
+                                   "write per-token rewards.")
+    p.add_argument("--input", help="JSON lines with src/mt/ref (or source/hypothesis/reference; gold spans in "
+                                   "error_spans), or a Google MQM .tsv")
+    p.add_argument("--src", help="source file, one segment per line")
+    p.add_argument("--hyp", help="hypothesis file, one segment per line")
+    p.add_argument("--ref", help="reference file, one segment per line")
+    p.add_argument("--detector", choices=DETECTORS, default="reference",
+                   help="reference: embedded, needs references (default); xcomet: unbabel-comet model; "
+                        "gold: spans given in --input")
+    p.add_argument("--model", help="xCOMET hub id or local checkpoint (default Unbabel/XCOMET-XL)")
+    p.add_argument("--severity-map", default="xcomet",
+                   help="xcomet | wmt-mqm | minor=-1,major=-5,critical=-10 (default xcomet)")
+    p.add_argument("--no-error-reward", type=float, default=0.0, help="reward of tokens with no error (default 0)")
+    p.add_argument("--tokenizer", help="hub id or local path: write per-token rewards for this tokenizer")
+    p.add_argument("--token-rewards", choices=("max", "spread"), default="max",
+                   help="max: each token gets its most severe span's value; spread: a span's value is "
+                        "split over its tokens (sums are kept)")
+    p.add_argument("--reward-mode", choices=REWARD_MODES, default="token")
+    p.add_argument("--hybrid-weight", type=float, default=1.0, help="weight of the sentence score in hybrid mode")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", help="output file (written atomically); stdout when absent")
+    p.add_argument("--format", choices=("jsonl", "pretty"), default="jsonl")
+    p.add_argument("--progress", action="store_true", help="always show the progress bar")
+    p.set_defaults(func=cmd_score)
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtrl", description="Fine-grained RL for machine translation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_score_parser(sub)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Any] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MtrlError as e:
+        print(f"mtrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtrl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

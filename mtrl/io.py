@@ -1,0 +1,89 @@
+"""Reading user files strictly and writing outputs atomically.
+
+Every user mistake becomes an :class:`MtrlError` that names the file and line,
+so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from mtrl.errors import MtrlError
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file, without their line ends (one segment per line)."""
+    data = _read_bytes(path)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for i, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            raise MtrlError(f"{path}: line {i} is not valid UTF-8 (byte {e.start})") from None
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Objects of a JSON-lines file; blank lines are skipped."""
+    rows = []
+    for i, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MtrlError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise MtrlError(f"{path}: line {i} is not a JSON object")
+        rows.append(obj)
+    return rows
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise MtrlError(f"{path}: no such file")
+    if p.is_dir():
+        raise MtrlError(f"{path}: is a directory, expected a file")
+    return p.read_bytes()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
+    """Write to a temporary file next to ``path`` and rename it into place on success.
+
+    A crash or Ctrl-C leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
