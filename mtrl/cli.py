@@ -176,11 +176,37 @@ def add_score_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_score)
 
 
+# --------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtrl.recipe import load_recipe
+    from mtrl.train import print_summary, train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.run_dir:
+        recipe.run_dir = args.run_dir
+    results = train(recipe, resume=args.resume, quiet=args.quiet)
+    print_summary(results, recipe.run_dir)
+    return 0
+
+
+def add_train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="fine-tune a translation model with RL from a YAML recipe",
+                       description="Run a recipe: warm start (optional), RL with token-level rewards, "
+                                   "evaluation before/after. Overrides look like algorithm.kl_coef=0.05.")
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of recipe entries")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--run-dir", help="override the recipe's run_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    p.set_defaults(func=cmd_train)
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtrl", description="Fine-grained RL for machine translation.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_score_parser(sub)
+    add_train_parser(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

@@ -17,7 +17,7 @@ for a model. Two input formats:
   spans of different raters would double count). The reference is the target
   of the segment's ``ref`` system row when the file has one.
 
-The sentence score is the negated penalty under the ``wmt-mqm`` severity map
+The sentence score is the summed span values under the ``wmt-mqm`` severity map
 (an MQM score: 0 is perfect, lower is worse).
 """
 
@@ -38,7 +38,7 @@ MQM_TSV_COLUMNS = ("system", "doc", "doc_id", "seg_id", "rater", "source", "targ
 
 def gold_detection(hypothesis: str, spans: Sequence[ErrorSpan]) -> Detection:
     """Detection of annotated spans, scored as -(WMT MQM penalty)."""
-    return Detection(sanitize_spans(hypothesis, spans), -SEVERITY_MAPS["wmt-mqm"].penalty(spans))
+    return Detection(sanitize_spans(hypothesis, spans), SEVERITY_MAPS["wmt-mqm"].penalty(spans))
 
 
 def parse_spans(raw: Any, hypothesis: str, where: str) -> list[ErrorSpan]:

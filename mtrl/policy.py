@@ -1,0 +1,207 @@
+"""The policy: a seq2seq or causal translation model with a value head.
+
+One interface for both kinds, so the algorithms never branch on model type:
+
+* ``encode_sources`` turns source sentences into padded query tensors
+  (right-padded encoder inputs for seq2seq; left-padded prompts for causal LMs,
+  through the chat template when the tokenizer has one);
+* ``generate`` samples responses (target tokens only, EOS included) and a mask
+  that ends at the first EOS;
+* ``forward`` returns, for every response position, the log-probability of the
+  taken token, the entropy of the next-token distribution and the value of the
+  state before it (a linear head on the final hidden state).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtrl.errors import MtrlError
+from mtrl.recipe import GenerationConfig, PolicyConfig
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: torch.Tensor  # (B, T) log p(token_t | state_t)
+    entropy: torch.Tensor  # (B, T)
+    values: torch.Tensor | None  # (B, T)
+
+
+def detect_kind(config: Any) -> str:
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | None = None,
+                             dtype: str = "float32") -> tuple[Any, Any, str]:
+    """Load a hub id or local directory; one clear error when it cannot be had offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+        kind = detect_kind(config) if kind == "auto" else kind
+        cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+        model = cls.from_pretrained(name, torch_dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(tokenizer or name)
+    except OSError as e:
+        raise MtrlError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]} "
+                        "(offline? give a local directory saved with save_pretrained)") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids (Marian rejects them)
+    return model, tok, kind
+
+
+class Policy(nn.Module):
+    def __init__(self, model: Any, tokenizer: Any, kind: str, cfg: PolicyConfig | None = None,
+                 src_lang: str = "English", tgt_lang: str = "German"):
+        super().__init__()
+        self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.cfg = cfg or PolicyConfig(model="")
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
+            else model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(model.parameters()).dtype)
+        self.forced_bos_token_id = None
+        if self.cfg.tgt_lang_code:
+            if hasattr(tokenizer, "get_lang_id"):  # M2M100
+                self.forced_bos_token_id = tokenizer.get_lang_id(self.cfg.tgt_lang_code)
+            else:  # NLLB and friends: the language code is a token
+                self.forced_bos_token_id = tokenizer.convert_tokens_to_ids(self.cfg.tgt_lang_code)
+        if self.cfg.src_lang_code and hasattr(tokenizer, "src_lang"):
+            tokenizer.src_lang = self.cfg.src_lang_code
+        tokenizer.padding_side = "right" if kind == "seq2seq" else "left"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ inputs
+    def prompt_text(self, source: str) -> str:
+        """The causal LM's prompt for one source (chat template when available)."""
+        user = self.cfg.prompt.format(source=source, src_lang=self.src_lang, tgt_lang=self.tgt_lang)
+        if self.cfg.chat_template == "auto" and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return user
+
+    def encode_sources(self, sources: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        if self.kind == "seq2seq":
+            enc = tok([self.cfg.source_prefix + s for s in sources], padding=True, truncation=True,
+                      max_length=self.cfg.max_source_tokens, return_tensors="pt")
+        else:
+            texts = [self.prompt_text(s) for s in sources]
+            templated = self.cfg.chat_template == "auto" and getattr(tok, "chat_template", None)
+            enc = tok(texts, padding=True, truncation=True, max_length=self.cfg.max_source_tokens,
+                      return_tensors="pt", add_special_tokens=not templated)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationConfig,
+                 sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses (B, T) and their mask: 1 up to and including the first EOS."""
+        tok = self.tokenizer
+        kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=self.eos_token_id, use_cache=True)
+        if sample:
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                          num_beams=1)
+        else:
+            kwargs.update(do_sample=False, num_beams=gen.eval_num_beams)
+        if self.forced_bos_token_id is not None:
+            kwargs["forced_bos_token_id"] = self.forced_bos_token_id
+        out = self.model.generate(input_ids=queries, attention_mask=query_mask, **kwargs)
+        responses = out[:, 1:] if self.kind == "seq2seq" else out[:, queries.shape[1]:]
+        return responses, self.response_mask(responses)
+
+    @property
+    def eos_token_id(self) -> int:
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, list):
+            gen_eos = gen_eos[0]
+        return gen_eos if gen_eos is not None else self.tokenizer.eos_token_id
+
+    def response_mask(self, responses: torch.Tensor) -> torch.Tensor:
+        is_eos = responses == self.eos_token_id
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+        mask = (~after_eos).long()
+        if self.forced_bos_token_id is not None:  # the forced language token is not a choice of the policy
+            mask[:, 0] = 0
+        return mask
+
+    # ------------------------------------------------------------------ scoring
+    def forward(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                response_mask: torch.Tensor, temperature: float = 1.0, with_values: bool = True,
+                model: Any = None) -> PolicyOutput:
+        model = model if model is not None else self.model
+        if self.kind == "seq2seq":
+            start = model.config.decoder_start_token_id
+            dec_in = torch.cat([torch.full_like(responses[:, :1], start), responses[:, :-1]], dim=1)
+            out = model(input_ids=queries, attention_mask=query_mask, decoder_input_ids=dec_in,
+                        output_hidden_states=with_values)
+            logits = out.logits
+            hidden = out.decoder_hidden_states[-1] if with_values else None
+        else:
+            ids = torch.cat([queries, responses], dim=1)
+            mask = torch.cat([query_mask, response_mask], dim=1)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                        output_hidden_states=with_values)
+            p = queries.shape[1]
+            logits = out.logits[:, p - 1:-1]
+            hidden = out.hidden_states[-1][:, p - 1:-1] if with_values else None
+        logits = logits.float() / temperature
+        logp_all = F.log_softmax(logits, dim=-1)
+        logprobs = torch.gather(logp_all, 2, responses.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float() \
+            if with_values else None
+        return PolicyOutput(logprobs, entropy, values)
+
+
+class ReferencePolicy:
+    """The frozen reference for the KL penalty: a copy of the initial model, or LoRA's disabled adapter."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.uses_adapter = hasattr(policy.model, "disable_adapter")
+        self.model = None if self.uses_adapter else copy.deepcopy(policy.model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, queries, query_mask, responses, response_mask, temperature: float = 1.0) -> torch.Tensor:
+        if self.uses_adapter:
+            with self.policy.model.disable_adapter():
+                return self.policy.forward(queries, query_mask, responses, response_mask, temperature,
+                                           with_values=False).logprobs
+        return self.policy.forward(queries, query_mask, responses, response_mask, temperature,
+                                   with_values=False, model=self.model).logprobs
+
+
+def apply_lora(model: Any, kind: str, cfg: Any) -> Any:
+    """Wrap ``model`` with a LoRA adapter (peft); the frozen base is the KL reference."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
+    return get_peft_model(model, LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha,
+                                            lora_dropout=cfg.dropout, target_modules=cfg.target_modules))
+
+
+def build_policy(cfg: PolicyConfig, model_path: str, src_lang: str, tgt_lang: str) -> Policy:
+    model, tok, kind = load_model_and_tokenizer(model_path, cfg.kind, cfg.tokenizer, cfg.dtype)
+    if cfg.lora is not None:
+        model = apply_lora(model, kind, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.eval()  # no dropout: rollout and update log-probs must agree
+    return Policy(model, tok, kind, cfg, src_lang, tgt_lang)

@@ -1,0 +1,108 @@
+"""Rollouts: sample translations, score them, and give every token its reward.
+
+``collect_rollout`` is the data side of every on-policy algorithm: it samples a
+batch with the KV cache, decodes the hypotheses exactly as the detector will
+see them, scores them through a cache (repeated (source, hypothesis) pairs are
+not scored twice), maps spans to the policy's tokens and adds the reference
+model's log-probs for the KL penalty.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from mtrl.alignment import token_offsets
+from mtrl.detectors import Detection, Detector
+from mtrl.errors import MtrlError
+from mtrl.policy import Policy, ReferencePolicy
+from mtrl.recipe import GenerationConfig
+from mtrl.rewards import RewardConfig, token_rewards
+
+
+@dataclass
+class Rollout:
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor  # old policy, (B, T)
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor  # task rewards per token (before the KL penalty)
+    texts: list[str]
+    detections: list[Detection]
+    group: torch.Tensor  # index of the prompt each sample came from (RLOO groups)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class CachedRewarder:
+    """Detector + reward mapping, with a cache of detections keyed by (source, hypothesis, reference)."""
+
+    def __init__(self, detector: Detector, config: RewardConfig, scale: float = 1.0, use_reference: bool = True):
+        self.detector, self.config, self.scale = detector, config, scale
+        self.use_reference = use_reference or detector.needs_reference
+        self.cache: dict[tuple[str, str, str | None], Detection] = {}
+        self.hits = self.misses = 0
+
+    def detect(self, sources: Sequence[str], hypotheses: Sequence[str],
+               references: Sequence[str | None] | None) -> list[Detection]:
+        refs = list(references) if (references is not None and self.use_reference) else [None] * len(sources)
+        keys = list(zip(sources, hypotheses, refs))
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            srcs, hyps, rs = map(list, zip(*todo))
+            if self.detector.needs_reference and any(r is None for r in rs):
+                raise MtrlError(f"the {self.detector.name} detector needs references; the data has none")
+            found = self.detector.detect(srcs, hyps, None if all(r is None for r in rs) else rs)
+            self.cache.update(zip(todo, found))
+        return [self.cache[k] for k in keys]
+
+    def __call__(self, tokenizer, sources, references, responses: torch.Tensor, mask: torch.Tensor):
+        """Per-token rewards (B, T) for the responses, plus their texts and detections."""
+        texts, offsets, lengths = [], [], []
+        rows = responses.tolist()
+        for ids, m in zip(rows, mask.tolist()):
+            n = max((i + 1 for i, v in enumerate(m) if v), default=0)
+            text, offs = token_offsets(tokenizer, ids[:n])
+            lead = len(text) - len(text.lstrip())
+            text = text.strip()  # the detector sees the hypothesis without edge spaces
+            offs = [(min(max(a - lead, 0), len(text)), min(max(b - lead, 0), len(text))) for a, b in offs]
+            texts.append(text)
+            offsets.append(offs)
+            lengths.append(n)
+        detections = self.detect(sources, texts, references)
+        rewards = torch.zeros(responses.shape, dtype=torch.float32)
+        for i, (det, text, offs, n) in enumerate(zip(detections, texts, offsets, lengths)):
+            if n:
+                rewards[i, :n] = torch.tensor(token_rewards(det, text, offs, self.config), dtype=torch.float32)
+        return rewards * self.scale * mask.float().cpu(), texts, detections
+
+
+@torch.no_grad()
+def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: CachedRewarder,
+                    sources: Sequence[str], references: Sequence[str | None] | None, gen: GenerationConfig,
+                    samples_per_prompt: int = 1, with_values: bool = True) -> Rollout:
+    t0 = time.perf_counter()
+    sources = [s for s in sources for _ in range(samples_per_prompt)]
+    if references is not None:
+        references = [r for r in references for _ in range(samples_per_prompt)]
+    group = torch.arange(len(sources)) // samples_per_prompt
+    queries, qmask = policy.encode_sources(sources)
+    responses, rmask = policy.generate(queries, qmask, gen, sample=True)
+    t_gen = time.perf_counter() - t0
+    scores, texts, detections = rewarder(policy.tokenizer, sources, references, responses, rmask)
+    t_score = time.perf_counter() - t0 - t_gen
+    out = policy.forward(queries, qmask, responses, rmask, gen.temperature, with_values=with_values)
+    ref_logprobs = reference.logprobs(queries, qmask, responses, rmask, gen.temperature)
+    m = rmask.float()
+    stats = {"generate_s": t_gen, "score_s": t_score, "response_tokens": float(m.sum()),
+             "response_length_mean": float(m.sum(1).mean())}
+    return Rollout(queries, qmask, responses, rmask, out.logprobs * m, ref_logprobs * m,
+                   None if out.values is None else out.values * m, scores.to(m.device), texts, detections,
+                   group, stats)
