@@ -47,7 +47,7 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
         kind = detect_kind(config) if kind == "auto" else kind
         cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-        model = cls.from_pretrained(name, torch_dtype=torch_dtype)
+        model = cls.from_pretrained(name, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(tokenizer or name)
     except OSError as e:
         raise MtrlError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]} "

@@ -121,8 +121,8 @@ def score(
         detections = [gold_detection(h, s) for h, s in zip(hypotheses, gold_spans)]
     else:
         det = load_detector(detector, **(detector_options or {})) if isinstance(detector, str) else detector
-        if det.needs_reference and (references is None or any(r is None for r in references)):
-            missing = 1 + next((i for i, r in enumerate(references or [None]) if r is None), 0)
+        if det.needs_reference and (references is None or any(not (r or "").strip() for r in references)):
+            missing = 1 + next((i for i, r in enumerate(references or [None]) if not (r or "").strip()), 0)
             raise MtrlError(f"the {det.name} detector needs a reference for every row (row {missing} has none)")
         detections = detect_batched(det, sources, list(hypotheses), references, batch_size, progress)
 

@@ -137,7 +137,7 @@ def update(policy: Any, optimizer: Any, accelerator: Any, rollout: Any, rewards:
                 approx_kl = masked_mean(0.5 * (out.logprobs - rollout.logprobs[idx]) ** 2, m)
             for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
                          ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
-                stats[k].append(float(v))
+                stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
     out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out_stats["advantage_mean"] = float(masked_mean(advantages, mask))
     out_stats["value_mean"] = float(masked_mean(rollout.values, mask))

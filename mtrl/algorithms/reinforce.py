@@ -75,7 +75,7 @@ def update(policy: Any, optimizer: Any, accelerator: Any, rollout: Any, rewards:
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         for k, v in (("policy_loss", pg_loss), ("entropy", entropy), ("grad_norm", grad_norm)):
-            stats[k].append(float(v))
+            stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
     out_stats = {k: sum(v) / len(v) for k, v in stats.items()}
     out_stats["advantage_mean"] = float(masked_mean(adv, mask))
     return out_stats
