@@ -38,7 +38,7 @@ MQM_TSV_COLUMNS = ("system", "doc", "doc_id", "seg_id", "rater", "source", "targ
 
 def gold_detection(hypothesis: str, spans: Sequence[ErrorSpan]) -> Detection:
     """Detection of annotated spans, scored as -(WMT MQM penalty)."""
-    return Detection(sanitize_spans(hypothesis, spans), SEVERITY_MAPS["wmt-mqm"].penalty(spans))
+    return Detection(sanitize_spans(hypothesis, spans), float(SEVERITY_MAPS["wmt-mqm"].penalty(spans)))
 
 
 def parse_spans(raw: Any, hypothesis: str, where: str) -> list[ErrorSpan]:
