@@ -1,0 +1,239 @@
+"""Error spans + token intervals -> one reward per token, and the reward modes.
+
+Inputs come from :mod:`mtrl.alignment` (the decoded ``text`` and one ``(start, end)``
+interval per token) and from a detector (:class:`~mtrl.detectors.base.Detection`).
+This is on the hot path (every rollout of every step), so it is plain Python with
+no per-character loops: spans are few, tokens are found by bisection.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mtrl.detectors.base import Detection
+from mtrl.errors import MtrlError
+from mtrl.spans import ErrorSpan, SeverityMap, get_severity_map
+
+TOKEN_REWARD_MODES: tuple[str, ...] = ("max", "spread")
+REWARD_MODES: tuple[str, ...] = ("token", "sentence", "hybrid")
+# Extension point: "r3hf" (reward redistribution from prefix scores) will join REWARD_MODES.
+# It needs the detector's score of every prefix of the hypothesis, so it will take a
+# ``prefix_scores`` argument in :func:`token_rewards` and turn score differences between
+# consecutive token boundaries into per-token rewards; see the marked branch there.
+
+
+def _prepare(text: str, spans: Iterable[ErrorSpan | Mapping[str, Any]], smap: SeverityMap) -> list[tuple[int, int, float, bool]]:
+    """``(start, end, value, whitespace_only)`` per usable span.
+
+    Same rules as :func:`mtrl.spans.sanitize_spans` (clip to the text, trim edge
+    whitespace, drop empty spans) with one exception: a span that is non-empty but
+    *only* whitespace (an MQM "extra/missing space" punctuation error) is kept as it
+    is, not dropped, so its penalty still reaches a token (the one whose interval
+    holds that whitespace, else the nearest). Dropping it would break conservation.
+    """
+    n = len(text)
+    out = []
+    for sp in spans:
+        if not isinstance(sp, ErrorSpan):
+            sp = ErrorSpan.from_dict(sp)
+        s = 0 if sp.start < 0 else (n if sp.start > n else sp.start)
+        e = 0 if sp.end < 0 else (n if sp.end > n else sp.end)
+        if s >= e:
+            continue
+        ws_only = False
+        if text[s].isspace() or text[e - 1].isspace():
+            seg = text[s:e]
+            core = seg.strip()
+            if core:
+                s += len(seg) - len(seg.lstrip())
+                e -= len(seg) - len(seg.rstrip())
+            else:
+                ws_only = True
+        out.append((s, e, smap.value(sp), ws_only))
+    return out
+
+
+def _nearest(offsets: Sequence[tuple[int, int]], s: int, e: int) -> int:
+    """Index of the non-empty interval closest to ``[s, e)`` (ties: the later one); else the last token."""
+    best, best_d = len(offsets) - 1, None
+    for t, (ts, te) in enumerate(offsets):
+        if ts >= te:
+            continue
+        d = ts - e if ts >= e else (s - te if te <= s else 0)
+        if best_d is None or d <= best_d:
+            best, best_d = t, d
+    return best
+
+
+def spans_to_token_rewards(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    spans: Iterable[ErrorSpan | Mapping[str, Any]],
+    severity_map: SeverityMap | str | Mapping[str, Any],
+    mode: str = "max",
+) -> list[float]:
+    """One reward per token (``len(offsets)`` values) from character error spans.
+
+    ``max``: a token whose interval overlaps a span on at least one non-whitespace
+    character gets the span's value; under several spans the most negative wins.
+    ``spread``: each span's value is split over the tokens it overlaps in proportion
+    to their overlapped non-whitespace characters (normalised by the total, so
+    tokens sharing a split character share its part); Σ rewards of error tokens =
+    Σ span values. A token under several spans gets the sum of its shares.
+    Every other token (special, empty interval, whitespace only, outside spans)
+    gets ``severity_map.no_error``.
+
+    Span edge cases (never an error): spans are clipped to ``text``, edge whitespace
+    is trimmed and empty spans are dropped (as :func:`~mtrl.spans.sanitize_spans`);
+    a whitespace-only span is kept and blamed on the tokens that hold that
+    whitespace; a span that no token covers on a non-whitespace character (a gap
+    in the intervals, offsets that do not match ``text``) is attached to the nearest
+    token with a non-empty interval (ties: the later), else to the last token, so
+    ``spread`` always conserves the total as long as ``offsets`` is non-empty.
+    """
+    if not isinstance(severity_map, SeverityMap):
+        severity_map = get_severity_map(severity_map)
+    if mode not in TOKEN_REWARD_MODES:
+        raise MtrlError(f"token_rewards: unknown value {mode!r}; allowed: {', '.join(TOKEN_REWARD_MODES)}")
+    n = len(offsets)
+    no_error = float(severity_map.no_error)
+    out = [no_error] * n
+    if not n or not spans:
+        return out
+    prepared = _prepare(text, spans, severity_map)
+    if not prepared:
+        return out
+    starts = [o[0] for o in offsets]
+    ends = [o[1] for o in offsets]
+    monotone = starts == sorted(starts) and ends == sorted(ends)
+    acc: dict[int, float] = {}
+    spread = mode == "spread"
+    for s, e, v, ws_only in prepared:
+        hits: list[tuple[int, int]] = []
+        t = bisect_right(ends, s) if monotone else 0
+        while t < n:
+            ts, te = offsets[t]
+            if ts >= e and monotone:
+                break
+            a, b = (ts if ts > s else s), (te if te < e else e)
+            if a < b:
+                if ws_only:
+                    w = b - a
+                elif spread:  # non-whitespace characters in the overlap
+                    w = len("".join(text[a:b].split()))
+                else:
+                    w = 0 if text[a:b].isspace() else 1
+                if w:
+                    hits.append((t, w))
+            t += 1
+        if not hits:
+            hits = [(_nearest(offsets, s, e), 1)]
+        if spread:
+            total = sum(w for _, w in hits)
+            for t, w in hits:
+                acc[t] = acc.get(t, 0.0) + v * w / total
+        else:
+            for t, _ in hits:
+                if t not in acc or v < acc[t]:
+                    acc[t] = v
+    for t, v in acc.items():
+        out[t] = v
+    return out
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How detections become token rewards (the ``reward:`` section of a recipe).
+
+    ``mode``: ``token`` (span penalties on tokens), ``sentence`` (the detector's
+    sentence score on the final token), ``hybrid`` (both; the sentence score scaled
+    by ``hybrid_weight``). ``severity_map``: a named map or a mapping of severities
+    to values. ``token_rewards``: ``max`` or ``spread``. ``no_error`` replaces the
+    map's value for error-free tokens.
+    """
+
+    mode: str = "token"
+    severity_map: str | Mapping[str, Any] | SeverityMap = "xcomet"
+    token_rewards: str = "max"
+    no_error: float = 0.0
+    hybrid_weight: float = 1.0
+    smap: SeverityMap = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in REWARD_MODES:
+            raise MtrlError(f"reward mode: unknown value {self.mode!r}; allowed: {', '.join(REWARD_MODES)}")
+        if self.token_rewards not in TOKEN_REWARD_MODES:
+            raise MtrlError(
+                f"reward token_rewards: unknown value {self.token_rewards!r}; allowed: {', '.join(TOKEN_REWARD_MODES)}"
+            )
+        for key in ("no_error", "hybrid_weight"):
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or abs(val) == float("inf"):
+                raise MtrlError(f"reward {key}: must be a finite number, got {val!r}")
+            object.__setattr__(self, key, float(val))
+        try:
+            smap = get_severity_map(self.severity_map, no_error=self.no_error)
+        except MtrlError as e:
+            raise MtrlError(f"reward severity_map: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise MtrlError(f"reward severity_map: {e}; allowed: xcomet, wmt-mqm or a mapping") from e
+        object.__setattr__(self, "smap", smap)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardConfig:
+        """Build from a config mapping; unknown keys are an error naming the allowed ones."""
+        d = dict(d or {})
+        allowed = [f.name for f in fields(cls) if f.init]
+        extra = sorted(set(d) - set(allowed))
+        if extra:
+            raise MtrlError(f"reward: unknown key(s) {', '.join(extra)}; allowed: {', '.join(allowed)}")
+        return cls(**d)
+
+
+def token_rewards(
+    detection: Detection,
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    config: RewardConfig,
+    last_index: int | None = None,
+) -> list[float]:
+    """Per-token rewards of one hypothesis under ``config.mode``.
+
+    ``sentence`` puts ``detection.score`` on the final token (``last_index``, default
+    the last position of ``offsets``, which may be EOS; pass the last real token for
+    right-padded rows) and 0.0 elsewhere; ``hybrid`` adds ``hybrid_weight`` × that to
+    the ``token`` rewards.
+    """
+    n = len(offsets)
+    if not n:
+        return []
+    last = n - 1 if last_index is None else last_index
+    if not -n <= last < n:
+        raise IndexError(f"last_index {last} outside a sequence of {n} tokens")
+    mode = config.mode
+    if mode == "sentence":
+        out = [0.0] * n
+        out[last] = float(detection.score)
+        return out
+    out = spans_to_token_rewards(text, offsets, detection.spans, config.smap, config.token_rewards)
+    if mode == "hybrid":
+        out[last] += config.hybrid_weight * float(detection.score)
+    # Extension point: mode == "r3hf" goes here (prefix-score differences per token).
+    return out
+
+
+def batch_token_rewards(
+    detections: Sequence[Detection],
+    texts: Sequence[str],
+    offsets: Sequence[Sequence[tuple[int, int]]],
+    config: RewardConfig,
+    last_indices: Sequence[int | None] | None = None,
+) -> list[list[float]]:
+    """:func:`token_rewards` for aligned lists (one entry per rollout)."""
+    if not len(detections) == len(texts) == len(offsets):
+        raise ValueError(f"lengths differ: {len(detections)} detections, {len(texts)} texts, {len(offsets)} offsets")
+    lasts = last_indices if last_indices is not None else [None] * len(texts)
+    return [token_rewards(d, t, o, config, li) for d, t, o, li in zip(detections, texts, offsets, lasts, strict=False)]
