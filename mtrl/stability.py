@@ -1,0 +1,442 @@
+"""Training-stability indicators and plots from a run's ``metrics.jsonl`` (and several seeds of one scheme).
+
+RL fine-tuning fails quietly: the reward can go up while the translations get worse, or the policy can
+drift away from the reference model in a few steps. These indicators turn a run's log into numbers and
+yes/no flags so that runs (and seeds of one scheme) can be compared without eyeballing curves.
+
+Conventions. "Row" means one logged training step (``train.log_every`` may skip steps; slopes use the
+``step`` column, windows count rows). The *initial* and *final* value of a column are the means of its
+first and last ``k`` rows, ``k = max(1, min(EDGE_ROWS, rows // 5))``, so short runs use at most a fifth
+of their rows at each end. When a step was logged twice (a resumed or appended log), the last line wins.
+``reward_mean`` is the task reward per sequence, without the KL penalty (``total_reward_mean`` has it).
+
+Indicators (``stability_report``) and the thresholds behind each flag (module constants below):
+
+* **Reward trend.** ``slope_per_step``: least-squares slope of ``reward_mean`` against ``step``
+  (``slope_per_100_steps`` = 100 x that). ``spearman``: rank correlation of ``reward_mean`` with ``step``
+  (1 = never decreases); it ignores the reward's scale and is robust to single outliers.
+  ``trend`` is ``"rising"`` when slope > 0 and spearman >= ``TREND_MIN_RHO``, ``"falling"`` when slope < 0
+  and spearman <= -``TREND_MIN_RHO``, ``"flat"`` otherwise (``"unknown"`` under ``MIN_TREND_ROWS`` rows).
+  ``monotone``: spearman >= ``MONOTONE_MIN_RHO``. ``drawdown``: peak minus last value of the reward
+  smoothed by a trailing moving average of ``SMOOTH_WINDOW`` rows (how much was lost after the best point).
+  Flag ``reward_falling``: trend is ``"falling"``.
+* **KL.** ``final`` (last-k mean), ``max`` and its step, of the per-sequence KL to the reference.
+  Flag ``kl_blowup``: some KL is infinite, or exceeds ``KL_BLOWUP_MAX`` nats, or exceeds
+  ``KL_BLOWUP_FACTOR`` x the lowest KL of the previous ``KL_BLOWUP_WINDOW`` rows (that base clipped from
+  below at ``KL_GROWTH_FLOOR``, since KL starts near 0 and any growth from 0 is an "infinite" factor).
+  ``blowup_step`` is the first step where a rule fires. (With the ``k1`` estimator a batch's KL can be
+  slightly negative; the floor keeps such values from making any later KL look like a blow-up.)
+* **Entropy collapse.** ``initial``, ``final``, ``min`` and ``ratio = final / initial`` of the policy's
+  per-token entropy (nats). Flag ``entropy_collapse``: final < ``ENTROPY_COLLAPSE_FRAC`` x initial, or
+  final < ``ENTROPY_FLOOR``. A collapsed policy stops exploring, so later rewards say little.
+* **Loss spikes.** For ``policy_loss``, ``value_loss`` (PPO) and ``grad_norm``: number of rows where
+  ``|x| > median(|x|) + LOSS_SPIKE_K * MAD(|x|)`` (MAD = median absolute deviation, unscaled; with Gaussian
+  noise that is median + 6.7 sigma for a loss away from 0, about 4.7 sigma for a loss centred on 0 like
+  PPO's policy loss; not counted under ``MIN_SPIKE_ROWS`` finite rows). Flag ``loss_spikes``:
+  any column has >= ``LOSS_SPIKE_MIN_COUNT`` spikes.
+* **Non-finite values.** ``non_finite_rows``: step rows with a NaN/Infinity value (as ``json.dumps`` writes
+  them). Flag ``non_finite``. Report values that would be NaN/inf are ``None`` so the report is strict JSON.
+* **Reward hacking.** Held-out chrF change = last ``eval_chrf`` line minus a baseline (``before`` chrF of
+  ``eval.json`` if present, else the first ``eval_chrf`` line); without ``eval_chrf`` lines,
+  ``after - before`` chrF of ``eval.json``. Flag ``reward_hacking``: reward trend is ``"rising"`` and the
+  held-out chrF change < -``HACKING_CHRF_DROP`` (chrF points): the policy is learning the detector, not
+  translation.
+
+Across seeds (``compare_runs``): per scheme, the mean and std over seeds (``SEED_STD_DDOF``: 1, the sample
+std; NaN for a single seed) of the final reward, of ``after`` BLEU/chrF/detector score in ``eval.json``,
+and of the main indicators; the share of seeds with each flag set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mtrl.errors import MtrlError
+from mtrl.io import read_lines
+
+# --------------------------------------------------------------------------- thresholds
+EDGE_ROWS = 10  # rows averaged for "initial" / "final" values (at most a fifth of the run)
+SMOOTH_WINDOW = 10  # trailing moving-average window (rows) for noisy curves (drawdown, plots)
+MIN_TREND_ROWS = 10  # fewer rows: trend "unknown" (a rank correlation of a handful of points is noise)
+TREND_MIN_RHO = 0.3  # |spearman| needed to call the reward rising / falling
+MONOTONE_MIN_RHO = 0.8  # spearman needed to call the reward monotone
+KL_BLOWUP_MAX = 20.0  # nats per sequence
+KL_BLOWUP_FACTOR = 10.0  # growth factor within KL_BLOWUP_WINDOW rows ...
+KL_BLOWUP_WINDOW = 10
+KL_GROWTH_FLOOR = 1.0  # ... measured from at least this KL (nats per sequence)
+ENTROPY_COLLAPSE_FRAC = 0.2  # final entropy below this fraction of the initial one
+ENTROPY_FLOOR = 0.05  # or below this many nats per token
+LOSS_SPIKE_K = 10.0  # spike: |x| > median + K * MAD
+LOSS_SPIKE_MIN_COUNT = 1  # spikes (in one column) that set the flag
+MIN_SPIKE_ROWS = 20  # fewer rows: no spike counting (median and MAD of a few points are unreliable)
+SPIKE_COLUMNS = ("policy_loss", "value_loss", "grad_norm")
+HACKING_CHRF_DROP = 0.5  # chrF points the held-out score must lose
+SEED_STD_DDOF = 1  # sample std over seeds
+EVAL_METRICS = ("bleu", "chrf", "ter", "detector_score")
+
+REQUIRED_KEYS = ("step", "reward_mean")
+_NUMERIC = {"reward_std", "sentence_score_mean", "spans_minor", "spans_major", "spans_critical", "kl", "kl_coef",
+            "entropy", "policy_loss", "value_loss", "clipfrac", "grad_norm", "tokens_per_s"}  # checked when present
+FLAGS = ("reward_falling", "kl_blowup", "entropy_collapse", "loss_spikes", "non_finite", "reward_hacking")
+
+
+# --------------------------------------------------------------------------- loading
+def _metrics_path(run_dir: str | Path) -> Path:
+    p = Path(run_dir)
+    return p if p.name.endswith(".jsonl") else p / "metrics.jsonl"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse(run_dir: str | Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step lines and eval lines of ``metrics.jsonl``, validated; errors name the file and line."""
+    path = _metrics_path(run_dir)
+    steps, evals = [], []
+    for i, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MtrlError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise MtrlError(f"{path}: line {i} is not a JSON object")
+        step = obj.get("step")
+        if not (isinstance(step, int) and not isinstance(step, bool)):
+            raise MtrlError(f"{path}: line {i} has no integer 'step' (got {step!r})")
+        is_eval = any(k.startswith("eval_") for k in obj)
+        if not is_eval:
+            for key in REQUIRED_KEYS:
+                if key not in obj:
+                    raise MtrlError(f"{path}: line {i} has no '{key}'")
+        for k, v in obj.items():
+            if k != "step" and v is not None and not _is_number(v) and (is_eval or k in REQUIRED_KEYS
+                                                                           or k in _NUMERIC):
+                raise MtrlError(f"{path}: line {i}: '{k}' is not a number (got {v!r})")
+        bad = any(isinstance(v, float) and not math.isfinite(v) for v in obj.values())
+        (evals if is_eval else steps).append({**obj, "_nonfinite": bad})
+    if not steps:
+        raise MtrlError(f"{path}: no training steps (the file is empty or has only eval lines)")
+    return path, steps, evals
+
+
+def _frame(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, int, int]:
+    """Rows as a frame sorted by step, keeping the last line of a repeated step.
+
+    Also returns how many lines were dropped as repeats and how many kept rows hold a NaN/inf value
+    (counted from the lines, since a key missing from some lines also shows up as NaN in the frame).
+    """
+    df = pd.DataFrame(rows)
+    before = len(df)
+    df = df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    non_finite = int(df.pop("_nonfinite").sum())
+    return df, before - len(df), non_finite
+
+
+def load_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """Training-step rows of ``metrics.jsonl`` (eval lines excluded), one per step, sorted by step.
+
+    ``run_dir`` is the run directory or the ``metrics.jsonl`` file itself (as for every function here).
+    """
+    _, steps, _ = _parse(run_dir)
+    return _frame(steps)[0]
+
+
+def load_eval_curve(run_dir: str | Path) -> pd.DataFrame:
+    """The ``eval_*`` lines of ``metrics.jsonl`` (one per step, sorted; empty frame if there are none)."""
+    _, _, evals = _parse(run_dir)
+    return _frame(evals)[0] if evals else pd.DataFrame(columns=["step"])
+
+
+def load_eval_json(run_dir: str | Path) -> dict[str, dict[str, float]]:
+    """``before``/``after`` scores of ``eval.json`` as plain floats (``{}`` when the file is absent)."""
+    path = _metrics_path(run_dir).parent / "eval.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MtrlError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MtrlError(f"{path}: expected a JSON object with 'before'/'after'")
+    out: dict[str, dict[str, float]] = {}
+    for phase in ("before", "after"):
+        entry = data.get(phase)
+        if not isinstance(entry, dict):
+            continue
+        scores = {}
+        for m in EVAL_METRICS:
+            v = entry.get(m)
+            v = v.get("score") if isinstance(v, dict) else v
+            if _is_number(v):
+                scores[m] = float(v)
+        out[phase] = scores
+    return out
+
+
+# --------------------------------------------------------------------------- indicators
+def _float(x: Any) -> float | None:
+    """A JSON-safe float: None for missing / NaN / inf."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _edge(n: int) -> int:
+    return max(1, min(EDGE_ROWS, n // 5))
+
+
+def smooth(values: pd.Series, window: int = SMOOTH_WINDOW) -> pd.Series:
+    """Trailing moving average (the first points average what there is so far)."""
+    return values.rolling(window, min_periods=1).mean()
+
+
+def spearman(x: Iterable[float], y: Iterable[float]) -> float:
+    """Rank correlation (average ranks for ties); 0 when either side is constant."""
+    rx, ry = pd.Series(list(x)).rank(), pd.Series(list(y)).rank()
+    if rx.nunique() < 2 or ry.nunique() < 2:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def reward_trend(df: pd.DataFrame) -> dict[str, Any]:
+    """Slope, rank correlation with step, trend label, initial/final/gain and drawdown of ``reward_mean``."""
+    d = df[["step", "reward_mean"]].astype(float)
+    d = d[np.isfinite(d["reward_mean"])]
+    n, k = len(d), _edge(len(d))
+    out: dict[str, Any] = {"initial": None, "final": None, "gain": None, "slope_per_step": None,
+                           "slope_per_100_steps": None, "spearman": None, "monotone": False,
+                           "trend": "unknown", "drawdown": None}
+    if n == 0:
+        return out
+    r = d["reward_mean"]
+    sm = smooth(r)
+    out.update(initial=_float(r.iloc[:k].mean()), final=_float(r.iloc[-k:].mean()),
+               drawdown=_float(sm.max() - sm.iloc[-1]))
+    out["gain"] = _float(out["final"] - out["initial"])
+    if n < MIN_TREND_ROWS:
+        return out
+    slope = float(np.polyfit(d["step"], r, 1)[0])
+    rho = spearman(d["step"], r)
+    trend = "flat"
+    if slope > 0 and rho >= TREND_MIN_RHO:
+        trend = "rising"
+    elif slope < 0 and rho <= -TREND_MIN_RHO:
+        trend = "falling"
+    out.update(slope_per_step=slope, slope_per_100_steps=100 * slope, spearman=rho,
+               monotone=rho >= MONOTONE_MIN_RHO, trend=trend)
+    return out
+
+
+def kl_indicators(df: pd.DataFrame) -> dict[str, Any]:
+    """Final and max KL to the reference and the first step where a blow-up rule fires (None: none)."""
+    if "kl" not in df:
+        return {"final": None, "max": None, "max_step": None, "blowup_step": None}
+    kl = df["kl"].astype(float)
+    steps = df["step"]
+    finite = kl[np.isfinite(kl)]
+    base = kl.shift(1).rolling(KL_BLOWUP_WINDOW, min_periods=1).min().clip(lower=KL_GROWTH_FLOOR)
+    # inf counts as a blow-up; NaN (or a row without "kl") does not: NaN sets the non_finite flag instead
+    fired = np.isinf(kl) | (kl > KL_BLOWUP_MAX) | (kl > KL_BLOWUP_FACTOR * base)
+    k = _edge(len(finite)) if len(finite) else 0
+    return {
+        "final": _float(finite.iloc[-k:].mean()) if k else None,
+        "max": _float(finite.max()) if k else None,
+        "max_step": int(steps[finite.idxmax()]) if k else None,
+        "blowup_step": int(steps[fired].iloc[0]) if fired.any() else None,
+    }
+
+
+def entropy_indicators(df: pd.DataFrame) -> dict[str, Any]:
+    """Initial, final, min entropy and final/initial ratio; ``collapse`` by the thresholds above."""
+    out: dict[str, Any] = {"initial": None, "final": None, "min": None, "ratio": None, "collapse": False}
+    if "entropy" not in df:
+        return out
+    e = df["entropy"].astype(float)
+    e = e[np.isfinite(e)]
+    if e.empty:
+        return out
+    k = _edge(len(e))
+    initial, final = float(e.iloc[:k].mean()), float(e.iloc[-k:].mean())
+    out.update(initial=initial, final=final, min=float(e.min()),
+               ratio=_float(final / initial) if initial > 0 else None)
+    out["collapse"] = bool(final < ENTROPY_FLOOR or (initial > 0 and final < ENTROPY_COLLAPSE_FRAC * initial))
+    return out
+
+
+def count_spikes(values: pd.Series, k: float = LOSS_SPIKE_K, min_rows: int = MIN_SPIKE_ROWS) -> int:
+    """Rows where ``|x|`` exceeds the run's median ``|x|`` by more than ``k`` MADs (0 under ``min_rows``)."""
+    a = values.astype(float).abs()
+    a = a[np.isfinite(a)]
+    if len(a) < max(min_rows, 3):
+        return 0
+    med = a.median()
+    mad = (a - med).abs().median()
+    return int((a > med + k * max(mad, 1e-12 * max(med, 1.0))).sum())
+
+
+def heldout_chrf(df_eval: pd.DataFrame, eval_json: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """Held-out chrF at the start and end of training and where they come from (see module docstring)."""
+    before = eval_json.get("before", {}).get("chrf")
+    after = eval_json.get("after", {}).get("chrf")
+    curve = df_eval["eval_chrf"].astype(float).dropna() if "eval_chrf" in df_eval else pd.Series(dtype=float)
+    points = ([before] if before is not None else []) + curve.tolist()
+    if len(curve) and len(points) >= 2:
+        source, start, end = "eval_lines", points[0], points[-1]
+    elif before is not None and after is not None:
+        source, start, end = "eval_json", before, after
+    else:
+        return {"source": None, "start": None, "end": None, "change": None}
+    return {"source": source, "start": _float(start), "end": _float(end), "change": _float(end - start)}
+
+
+def stability_report(run_dir: str | Path) -> dict[str, Any]:
+    """All indicators and flags of one run, as a JSON-serialisable dict (see the module docstring)."""
+    path, step_lines, eval_lines = _parse(run_dir)
+    df, dropped, non_finite = _frame(step_lines)
+    df_eval = _frame(eval_lines)[0] if eval_lines else pd.DataFrame(columns=["step"])
+    evals = load_eval_json(run_dir)
+
+    reward = reward_trend(df)
+    kl = kl_indicators(df)
+    entropy = entropy_indicators(df)
+    spikes = {c: count_spikes(df[c]) for c in SPIKE_COLUMNS if c in df}
+    held = heldout_chrf(df_eval, evals)
+
+    flags = {
+        "reward_falling": reward["trend"] == "falling",
+        "kl_blowup": kl["blowup_step"] is not None,
+        "entropy_collapse": bool(entropy["collapse"]),
+        "loss_spikes": any(n >= LOSS_SPIKE_MIN_COUNT for n in spikes.values()),
+        "non_finite": non_finite > 0,
+        "reward_hacking": bool(reward["trend"] == "rising" and held["change"] is not None
+                               and held["change"] < -HACKING_CHRF_DROP),
+    }
+    return {
+        "run_dir": str(path.parent),
+        "rows": len(df),
+        "first_step": int(df["step"].iloc[0]),
+        "last_step": int(df["step"].iloc[-1]),
+        "duplicate_steps_dropped": dropped,
+        "reward": reward,
+        "kl": kl,
+        "entropy": entropy,
+        "loss_spikes": spikes,
+        "non_finite_rows": non_finite,
+        "heldout_chrf": held,
+        "eval": evals,
+        "flags": flags,
+    }
+
+
+# --------------------------------------------------------------------------- across seeds
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan
+    std = float(np.std(v, ddof=SEED_STD_DDOF)) if len(v) > SEED_STD_DDOF else math.nan
+    return float(np.mean(v)), std
+
+
+def compare_runs(runs: Mapping[str, list[str | Path]]) -> pd.DataFrame:
+    """One row per scheme: mean and std over its seeds of final reward, eval metrics and indicators."""
+    rows = {}
+    for scheme, dirs in runs.items():
+        if not dirs:
+            raise MtrlError(f"scheme {scheme!r} has no runs")
+        reports = [stability_report(d) for d in dirs]
+        columns: dict[str, list[float | None]] = {
+            "final_reward": [r["reward"]["final"] for r in reports],
+            "reward_slope_per_100_steps": [r["reward"]["slope_per_100_steps"] for r in reports],
+            "reward_spearman": [r["reward"]["spearman"] for r in reports],
+            "kl_final": [r["kl"]["final"] for r in reports],
+            "kl_max": [r["kl"]["max"] for r in reports],
+            "entropy_ratio": [r["entropy"]["ratio"] for r in reports],
+            "loss_spikes": [sum(r["loss_spikes"].values()) for r in reports],
+            "heldout_chrf_change": [r["heldout_chrf"]["change"] for r in reports],
+        }
+        for m in ("bleu", "chrf", "detector_score"):
+            columns[f"after_{m}"] = [r["eval"].get("after", {}).get(m) for r in reports]
+        row: dict[str, float] = {"n_seeds": len(reports)}
+        for name, values in columns.items():
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
+        for flag in FLAGS:
+            row[f"frac_{flag}"] = float(np.mean([r["flags"][flag] for r in reports]))
+        rows[scheme] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("scheme")
+
+
+# --------------------------------------------------------------------------- plots
+def seed_band(dirs: list[str | Path], column: str, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
+    """Per step: mean and std over seeds of ``column`` (each seed smoothed first); steps as index."""
+    curves = {}
+    for i, d in enumerate(dirs):
+        df = load_metrics(d)
+        if column in df:
+            curves[i] = smooth(df.set_index("step")[column].astype(float), window)
+    if not curves:
+        return pd.DataFrame(columns=["mean", "std", "n"])
+    wide = pd.DataFrame(curves).sort_index()  # outer join on step: seeds may stop at different steps
+    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=SEED_STD_DDOF).fillna(0.0),
+                         "n": wide.notna().sum(axis=1)})
+
+
+def _draw(ax: Any, runs: Mapping[str, list[str | Path]], column: str, window: int) -> None:
+    for scheme, dirs in runs.items():
+        band = seed_band(dirs, column, window)
+        if band.empty:
+            continue
+        line = ax.plot(band.index, band["mean"], label=f"{scheme} (n={len(dirs)})")[0]
+        ax.fill_between(band.index, band["mean"] - band["std"], band["mean"] + band["std"],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Any, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=120)
+    return out
+
+
+def plot_reward_curves(runs: Mapping[str, list[str | Path]], out: str | Path,
+                       window: int = SMOOTH_WINDOW) -> Path:
+    """Reward mean +- across-seed std per step, one line per scheme (PNG); ``window=1``: no smoothing."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
+
+    fig = Figure(figsize=(7, 4.5), layout="tight")
+    ax = fig.add_subplot()
+    _draw(ax, runs, "reward_mean", window)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward_mean")
+    ax.set_title(f"Training reward (mean ± std over seeds, moving average {window})")
+    ax.legend()
+    return _save(fig, out)
+
+
+def plot_kl_entropy(runs: Mapping[str, list[str | Path]], out: str | Path, window: int = SMOOTH_WINDOW) -> Path:
+    """KL to the reference (top) and policy entropy (bottom) per step, mean +- std over seeds (PNG)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6.5), layout="tight")
+    ax_kl, ax_ent = fig.subplots(2, 1, sharex=True)
+    _draw(ax_kl, runs, "kl", window)
+    if ax_kl.get_ylim()[1] >= KL_BLOWUP_MAX / 2:  # only when near: it would flatten small-KL curves
+        ax_kl.axhline(KL_BLOWUP_MAX, color="red", linestyle="--", linewidth=1, label=f"blow-up ({KL_BLOWUP_MAX:g})")
+    ax_kl.set_ylabel("KL (nats / sequence)")
+    ax_kl.legend()
+    _draw(ax_ent, runs, "entropy", window)
+    ax_ent.set_ylabel("entropy (nats / token)")
+    ax_ent.set_xlabel("step")
+    ax_kl.set_title(f"KL and entropy (mean ± std over seeds, moving average {window})")
+    return _save(fig, out)

@@ -1,0 +1,253 @@
+"""Stability indicators on synthetic logs whose answers are known by construction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtrl import stability as st
+from mtrl.errors import MtrlError
+
+N = 100
+STEPS = np.arange(1, N + 1)
+RNG = np.random.default_rng(0)
+QUIET = RNG.normal(0, 0.05, N)  # one fixed noise draw shared by the well-behaved curves
+
+
+def rows(reward=None, kl=None, entropy=None, policy_loss=None, value_loss=None, grad_norm=None) -> list[dict]:
+    """Training-step lines: a well-behaved run unless a column is given (arrays of length N)."""
+    cols = {
+        "reward_mean": -2.0 + 0.01 * STEPS + QUIET if reward is None else reward,
+        "kl": 0.02 * STEPS if kl is None else kl,  # 0.02 .. 2 nats
+        "entropy": 2.0 - 0.005 * STEPS if entropy is None else entropy,  # 2.0 .. 1.5
+        "policy_loss": 0.1 + QUIET if policy_loss is None else policy_loss,
+        "value_loss": 0.5 + QUIET if value_loss is None else value_loss,
+        "grad_norm": 1.0 + QUIET if grad_norm is None else grad_norm,
+    }
+    out = []
+    for i, step in enumerate(STEPS):
+        row = {"step": int(step), "reward_std": 0.1, "sentence_score_mean": 0.5, "spans_minor": 1,
+               "spans_major": 0, "spans_critical": 0, "kl_coef": 0.05, "clipfrac": 0.1, "tokens_per_s": 100.0}
+        row.update({k: float(v[i]) for k, v in cols.items()})
+        out.append(row)
+    return out
+
+
+def write_run(run: Path, lines: list[dict], eval_json: dict | None = None) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if eval_json is not None:
+        (run / "eval.json").write_text(json.dumps(eval_json))
+    return run
+
+
+def eval_json(before_chrf: float, after_chrf: float, after_bleu: float = 20.0, after_det: float = 0.7) -> dict:
+    def entry(chrf, bleu, det):
+        return {"bleu": {"score": bleu, "signature": "nrefs:1|bleu"}, "chrf": {"score": chrf, "signature": "nrefs:1|chrf"},
+                "ter": {"score": 60.0, "signature": "nrefs:1|ter"}, "detector_score": det, "examples": []}
+
+    return {"before": entry(before_chrf, 18.0, 0.6), "after": entry(after_chrf, after_bleu, after_det), "wall_time_s": 3.0}
+
+
+def report(run: Path) -> dict:
+    rep = st.stability_report(run)
+    json.dumps(rep, allow_nan=False)  # strictly JSON-serialisable, whatever the log held
+    return rep
+
+
+def test_rising_reward_is_monotone_and_raises_no_flag(tmp_path):
+    rep = report(write_run(tmp_path / "run", rows(), eval_json(50.0, 51.0)))
+    r = rep["reward"]
+    assert r["slope_per_step"] == pytest.approx(0.01, abs=0.002)
+    assert r["slope_per_100_steps"] == pytest.approx(100 * r["slope_per_step"])
+    assert r["trend"] == "rising" and r["monotone"] and r["spearman"] > 0.8
+    assert r["gain"] > 0.5
+    assert rep["kl"]["final"] == pytest.approx(np.mean(0.02 * STEPS[-10:]))
+    assert rep["kl"]["max"] == pytest.approx(2.0) and rep["kl"]["max_step"] == N
+    assert rep["entropy"]["ratio"] == pytest.approx(np.mean(2 - 0.005 * STEPS[-10:]) / np.mean(2 - 0.005 * STEPS[:10]))
+    assert rep["loss_spikes"] == {"policy_loss": 0, "value_loss": 0, "grad_norm": 0}
+    assert rep["heldout_chrf"] == {"source": "eval_json", "start": 50.0, "end": 51.0, "change": 1.0}
+    assert rep["eval"]["after"] == {"bleu": 20.0, "chrf": 51.0, "ter": 60.0, "detector_score": 0.7}
+    assert not any(rep["flags"].values()), rep["flags"]
+
+
+def test_exact_slope_and_rank_correlation_of_a_line(tmp_path):
+    lines = rows(reward=3.0 * STEPS + 1)[::5]  # logged every 5 steps: the slope is still per step
+    r = report(write_run(tmp_path / "run", lines))["reward"]
+    assert r["slope_per_step"] == pytest.approx(3.0)
+    assert r["slope_per_100_steps"] == pytest.approx(300.0)
+    assert r["spearman"] == pytest.approx(1.0)
+    assert r["drawdown"] == pytest.approx(0.0)
+
+
+def test_collapsing_run_flags_entropy_and_falling_reward(tmp_path):
+    entropy = 2.0 * np.exp(-STEPS / 15)  # ends ~2e-3 nats
+    reward = -0.5 - 0.01 * STEPS + QUIET
+    rep = report(write_run(tmp_path / "run", rows(reward=reward, entropy=entropy)))
+    assert rep["entropy"]["collapse"] and rep["entropy"]["ratio"] < st.ENTROPY_COLLAPSE_FRAC
+    assert rep["reward"]["trend"] == "falling" and rep["reward"]["slope_per_step"] < 0
+    assert {k for k, v in rep["flags"].items() if v} == {"entropy_collapse", "reward_falling"}
+
+
+def test_entropy_absolute_floor(tmp_path):
+    entropy = np.full(N, st.ENTROPY_FLOOR / 2)  # never changed, but too low to explore
+    rep = report(write_run(tmp_path / "run", rows(entropy=entropy)))
+    assert rep["entropy"]["ratio"] == pytest.approx(1.0)
+    assert rep["flags"]["entropy_collapse"]
+
+
+@pytest.mark.parametrize("jump", [30.0, 12.0])  # over the absolute limit; 12x the floor within the window
+def test_kl_blowup_is_flagged_at_the_jump(tmp_path, jump):
+    kl = np.where(STEPS < 70, 0.5, jump)
+    rep = report(write_run(tmp_path / "run", rows(kl=kl)))
+    assert rep["kl"]["blowup_step"] == 70
+    assert rep["kl"]["max"] == pytest.approx(jump) and rep["kl"]["final"] == pytest.approx(jump)
+    assert {k for k, v in rep["flags"].items() if v} == {"kl_blowup"}
+
+
+def test_steady_kl_growth_is_not_a_blowup(tmp_path):
+    kl = 0.15 * STEPS  # 0.15 .. 15 nats: large but gradual
+    rep = report(write_run(tmp_path / "run", rows(kl=kl)))
+    assert rep["kl"]["blowup_step"] is None and not rep["flags"]["kl_blowup"]
+
+
+def test_loss_spikes_are_counted(tmp_path):
+    policy_loss, value_loss = 0.1 + QUIET, 0.5 + QUIET
+    policy_loss[[10, 40, 80]] = [5.0, -5.0, 8.0]  # a negative spike counts by its magnitude
+    value_loss[55] = 40.0
+    rep = report(write_run(tmp_path / "run", rows(policy_loss=policy_loss, value_loss=value_loss)))
+    assert rep["loss_spikes"] == {"policy_loss": 3, "value_loss": 1, "grad_norm": 0}
+    assert {k for k, v in rep["flags"].items() if v} == {"loss_spikes"}
+
+
+def test_count_spikes_uses_median_plus_k_mad():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 100.0])  # |x| median 3.5, MAD 1.5
+    assert st.count_spikes(pd.Series(values), k=10, min_rows=1) == 1  # 100 > 18.5
+    assert st.count_spikes(pd.Series(values), k=70, min_rows=1) == 0  # 100 < 108.5
+
+
+def test_short_runs_get_no_trend_and_no_spike_counts(tmp_path):
+    policy_loss = 0.1 + QUIET
+    policy_loss[3] = 50.0
+    lines = rows(policy_loss=policy_loss)[: st.MIN_TREND_ROWS - 1]  # rising reward, falling chrF, a spike
+    rep = report(write_run(tmp_path / "run", lines, eval_json(50.0, 40.0)))
+    assert rep["reward"]["trend"] == "unknown" and rep["reward"]["slope_per_step"] is None
+    assert rep["reward"]["gain"] > 0  # still reported
+    assert rep["loss_spikes"]["policy_loss"] == 0
+    assert not any(rep["flags"].values()), rep["flags"]
+
+
+def eval_lines(chrf: list[float]) -> list[dict]:
+    steps = np.linspace(N // len(chrf), N, len(chrf)).astype(int)
+    return [{"step": int(s), "eval_bleu": 20.0, "eval_chrf": c, "eval_detector_score": 0.7} for s, c in zip(steps, chrf, strict=True)]
+
+
+def test_reward_hacking_from_eval_lines(tmp_path):
+    run = write_run(tmp_path / "run", rows() + eval_lines([49.0, 47.0, 45.0]), eval_json(50.0, 45.0))
+    rep = report(run)
+    assert rep["reward"]["trend"] == "rising"
+    assert rep["heldout_chrf"] == {"source": "eval_lines", "start": 50.0, "end": 45.0, "change": -5.0}
+    assert {k for k, v in rep["flags"].items() if v} == {"reward_hacking"}
+
+
+def test_eval_lines_take_precedence_over_eval_json(tmp_path):
+    # eval.json alone would say chrF fell (after < before), the eval curve says it rose: the curve wins
+    run = write_run(tmp_path / "run", rows() + eval_lines([51.0, 53.0]), eval_json(50.0, 40.0))
+    rep = report(run)
+    assert rep["heldout_chrf"]["source"] == "eval_lines" and rep["heldout_chrf"]["change"] == pytest.approx(3.0)
+    assert not rep["flags"]["reward_hacking"]
+
+
+def test_reward_hacking_from_eval_json_and_its_negatives(tmp_path):
+    hacked = report(write_run(tmp_path / "a", rows(), eval_json(50.0, 48.0)))
+    assert hacked["heldout_chrf"]["source"] == "eval_json" and hacked["flags"]["reward_hacking"]
+    within_noise = report(write_run(tmp_path / "b", rows(), eval_json(50.0, 50.0 - st.HACKING_CHRF_DROP / 2)))
+    assert not within_noise["flags"]["reward_hacking"]
+    falling = report(write_run(tmp_path / "c", rows(reward=-0.01 * STEPS + QUIET), eval_json(50.0, 40.0)))
+    assert not falling["flags"]["reward_hacking"]  # reward did not rise: a bad run, not a hacked one
+    no_eval = report(write_run(tmp_path / "d", rows()))
+    assert no_eval["heldout_chrf"]["source"] is None and not no_eval["flags"]["reward_hacking"]
+
+
+def test_resumed_log_keeps_the_last_line_of_a_step(tmp_path):
+    first = rows()[:50]
+    redone = rows(reward=np.full(N, 7.0))[45:60]  # resumed from step 45: steps 46..60 logged again
+    lines = first + eval_lines([52.0]) + redone  # an eval line at step 100 must not replace step 100's row
+    run = write_run(tmp_path / "run", lines)
+    df = st.load_metrics(run)
+    assert df["step"].tolist() == list(range(1, 61))
+    assert (df.loc[df["step"] >= 46, "reward_mean"] == 7.0).all()
+    assert df.loc[df["step"] == 45, "reward_mean"].item() == pytest.approx(first[44]["reward_mean"])
+    assert "eval_chrf" not in df
+    assert st.load_eval_curve(run)["eval_chrf"].tolist() == [52.0]
+    assert report(run)["duplicate_steps_dropped"] == 5
+    assert st.load_metrics(run / "metrics.jsonl").equals(df)  # the file path works as well
+
+
+def test_non_finite_values_are_flagged_and_stay_json_safe(tmp_path):
+    policy_loss = 0.1 + QUIET
+    policy_loss[30] = np.nan
+    kl = 0.02 * STEPS
+    kl[[20, 60]] = [np.nan, np.inf]  # NaN: non-finite but not a blow-up; inf: both
+    rep = report(write_run(tmp_path / "run", rows(policy_loss=policy_loss, kl=kl)))
+    assert rep["non_finite_rows"] == 3 and rep["flags"]["non_finite"]
+    assert rep["kl"]["blowup_step"] == 61 and rep["kl"]["max"] == pytest.approx(2.0)
+
+
+def test_compare_runs_spread_matches_numpy(tmp_path):
+    finals, chrfs = [1.0, 2.0, 4.0], [50.0, 52.0, 57.0]
+    seeds = [write_run(tmp_path / f"a{i}", rows(reward=np.full(N, f)), eval_json(50.0, c))
+             for i, (f, c) in enumerate(zip(finals, chrfs, strict=True))]
+    other = [write_run(tmp_path / "b0", rows(kl=np.where(STEPS < 70, 0.5, 30.0)), eval_json(50.0, 51.0))]
+    table = st.compare_runs({"a": seeds, "b": other})
+    assert list(table.index) == ["a", "b"]
+    a = table.loc["a"]
+    assert a["n_seeds"] == 3
+    assert a["final_reward_mean"] == pytest.approx(np.mean(finals))
+    assert a["final_reward_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert a["after_chrf_std"] == pytest.approx(np.std(chrfs, ddof=1))
+    assert a["after_bleu_std"] == pytest.approx(0.0)
+    assert a["frac_kl_blowup"] == 0.0 and table.loc["b", "frac_kl_blowup"] == 1.0
+    assert np.isnan(table.loc["b", "final_reward_std"])  # one seed: no spread to report
+
+
+def test_plots_write_png_files(tmp_path):
+    runs = {"token": [write_run(tmp_path / "t0", rows()), write_run(tmp_path / "t1", rows()[:70])],
+            "sentence": [write_run(tmp_path / "s0", rows(kl=np.where(STEPS < 70, 0.5, 30.0)))]}
+    for plot, name in ((st.plot_reward_curves, "reward.png"), (st.plot_kl_entropy, "plots/kl.png")):
+        out = plot(runs, tmp_path / name)
+        data = out.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_seed_band_is_mean_and_std_over_seeds(tmp_path):
+    a = write_run(tmp_path / "a", rows(reward=np.full(N, 1.0)))
+    b = write_run(tmp_path / "b", rows(reward=np.full(N, 3.0))[:50])
+    band = st.seed_band([a, b], "reward_mean", window=1)
+    assert band.loc[10, "mean"] == pytest.approx(2.0) and band.loc[10, "std"] == pytest.approx(np.std([1, 3], ddof=1))
+    assert band.loc[80, "mean"] == pytest.approx(1.0) and band.loc[80, "n"] == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no training steps"),
+    ('{"step": 1, "eval_chrf": 50.0}\n', "no training steps"),
+    ('{"step": 1, "reward_mean": 0.1}\n\n{"step": 2, "reward_mean": 0.2\n', "line 3 is not valid JSON"),
+    ('{"step": 1, "reward_mean": 0.1}\n{"step": 2, "kl": 0.1}\n', "line 2 has no 'reward_mean'"),
+    ('{"step": "1", "reward_mean": 0.1}\n', "line 1 has no integer 'step'"),
+    ('{"step": 1, "reward_mean": 0.1, "kl": "big"}\n', "line 1: 'kl' is not a number"),
+    ("[1, 2]\n", "line 1 is not a JSON object"),
+])
+def test_bad_metrics_files_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(MtrlError, match=message) as err:
+        st.stability_report(tmp_path)
+    assert str(tmp_path / "metrics.jsonl") in str(err.value)
+
+
+def test_missing_metrics_file(tmp_path):
+    with pytest.raises(MtrlError, match="no such file"):
+        st.load_metrics(tmp_path / "nowhere")
