@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from mtrl.alignment import token_offsets
+from mtrl.alignment import batch_token_offsets
 from mtrl.detectors import Detection, Detector
 from mtrl.errors import MtrlError
 from mtrl.policy import Policy, ReferencePolicy
@@ -37,6 +37,23 @@ class Rollout:
     detections: list[Detection]
     group: torch.Tensor  # index of the prompt each sample came from (RLOO groups)
     stats: dict[str, float] = field(default_factory=dict)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, mask: torch.Tensor):
+    """Hypothesis strings (edge spaces stripped), per-token intervals in them, and response lengths.
+
+    A response runs to its last unmasked token (EOS included); the strings are
+    exactly what the detector scores and what evaluation reports.
+    """
+    lengths = [max((i + 1 for i, v in enumerate(m) if v), default=0) for m in mask.tolist()]
+    decoded = batch_token_offsets(tokenizer, [ids[:n] for ids, n in zip(responses.tolist(), lengths)])
+    texts, offsets = [], []
+    for text, offs in zip(*decoded):
+        lead = len(text) - len(text.lstrip())
+        text = text.strip()
+        texts.append(text)
+        offsets.append([(min(max(a - lead, 0), len(text)), min(max(b - lead, 0), len(text))) for a, b in offs])
+    return texts, offsets, lengths
 
 
 class CachedRewarder:
@@ -65,17 +82,7 @@ class CachedRewarder:
 
     def __call__(self, tokenizer, sources, references, responses: torch.Tensor, mask: torch.Tensor):
         """Per-token rewards (B, T) for the responses, plus their texts and detections."""
-        texts, offsets, lengths = [], [], []
-        rows = responses.tolist()
-        for ids, m in zip(rows, mask.tolist()):
-            n = max((i + 1 for i, v in enumerate(m) if v), default=0)
-            text, offs = token_offsets(tokenizer, ids[:n])
-            lead = len(text) - len(text.lstrip())
-            text = text.strip()  # the detector sees the hypothesis without edge spaces
-            offs = [(min(max(a - lead, 0), len(text)), min(max(b - lead, 0), len(text))) for a, b in offs]
-            texts.append(text)
-            offsets.append(offs)
-            lengths.append(n)
+        texts, offsets, lengths = decode_responses(tokenizer, responses, mask)
         detections = self.detect(sources, texts, references)
         rewards = torch.zeros(responses.shape, dtype=torch.float32)
         for i, (det, text, offs, n) in enumerate(zip(detections, texts, offsets, lengths)):

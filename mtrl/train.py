@@ -87,15 +87,17 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 @torch.no_grad()
 def translate_all(policy: Any, sources: Sequence[str], gen: Any) -> list[str]:
     """Greedy (or beam) translations of ``sources`` with the policy, in input order, length-sorted batches."""
+    from mtrl.rollout import decode_responses
+
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out = [""] * len(sources)
     for i in range(0, len(order), gen.eval_batch_size):
         idx = order[i:i + gen.eval_batch_size]
         q, qm = policy.encode_sources([sources[j] for j in idx])
         responses, mask = policy.generate(q, qm, gen, sample=False)
-        texts = policy.tokenizer.batch_decode((responses * mask).tolist(), skip_special_tokens=True)
+        texts, _, _ = decode_responses(policy.tokenizer, responses, mask)
         for j, t in zip(idx, texts):
-            out[j] = t.strip()
+            out[j] = t
     return out
 
 

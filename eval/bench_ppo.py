@@ -1,0 +1,166 @@
+"""PPO loop cost, as ratios measured in one run (CPU, tiny models built here; no hub).
+
+Prints ``name: value`` lines:
+
+* ``rollout_vs_generate``: tokens/s of a full rollout (sampling through the policy
+  wrapper, detokenising, reward scoring, policy + reference log-probs and values)
+  over tokens/s of a plain batched ``model.generate`` with the same sampling
+  settings, model and batch. Target >= 0.8.
+* ``sampling_vs_generate``: the sampling part alone (the policy's ``generate``).
+* ``ppo_step_vs_trl_grpo_step``: seconds of one PPO step (rollout + one optimiser
+  step) over one TRL ``GRPOTrainer`` step, same tiny causal model, same number of
+  completions (8), same completion length (24 new tokens, forced), same reward
+  (the ``reference`` detector's sentence score). Target <= 1.0.
+
+Usage: python eval/bench_ppo.py [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtrl.datasets import load_parallel  # noqa: E402
+from mtrl.detectors import load_detector  # noqa: E402
+from mtrl.policy import ReferencePolicy, build_policy  # noqa: E402
+from mtrl.recipe import AlgorithmConfig, GenerationConfig, PolicyConfig  # noqa: E402
+from mtrl.rewards import RewardConfig  # noqa: E402
+from mtrl.rollout import CachedRewarder, collect_rollout  # noqa: E402
+from tests.fixtures.models import build_tiny_causal, build_tiny_seq2seq  # noqa: E402
+
+
+def median_times(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, measured round-robin so machine noise hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def bench_rollout(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens: int = 40) -> dict[str, float]:
+    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    reference = ReferencePolicy(policy)
+    rewarder = CachedRewarder(load_detector("reference"), RewardConfig())
+    gen = GenerationConfig(max_new_tokens=new_tokens)
+    sources, refs = [p[0] for p in pairs[:batch]], [p[1] for p in pairs[:batch]]
+    q, qm = policy.encode_sources(sources)
+    kwargs = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, pad_token_id=policy.tokenizer.pad_token_id)
+    tokens = batch * new_tokens
+
+    def plain():
+        with torch.no_grad():
+            policy.model.generate(input_ids=q, attention_mask=qm, **kwargs)
+
+    policy.model.generation_config.min_new_tokens = new_tokens  # same forced length on both paths
+
+    def sampling():
+        policy.generate(*policy.encode_sources(sources), gen)
+
+    def rollout():
+        rewarder.cache.clear()
+        collect_rollout(policy, reference, rewarder, sources, refs, gen)
+
+    t_plain, t_sample, t_roll = median_times([plain, sampling, rollout], repeats)
+    return {"generate_tokens_per_s": tokens / t_plain, "sampling_tokens_per_s": tokens / t_sample,
+            "rollout_tokens_per_s": tokens / t_roll, "sampling_vs_generate": t_plain / t_sample,
+            "rollout_vs_generate": t_plain / t_roll}
+
+
+def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
+    from accelerate import Accelerator
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from mtrl.algorithms import ppo
+
+    n, new_tokens = 8, 24
+    detector = load_detector("reference")
+    refs = {p[0]: p[1] for p in pairs}
+
+    def reward_fn(prompts, completions, reference, **kwargs):
+        return [d.score for d in detector.detect([""] * len(completions), completions, reference)]
+
+    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    policy.model.generation_config.min_new_tokens = new_tokens
+    prompts = [policy.prompt_text(p[0]) for p in pairs[: n // 4]]
+    ds = Dataset.from_dict({"prompt": prompts * 50, "reference": [refs[p[0]] for p in pairs[: n // 4]] * 50})
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(output_dir=out, bf16=False, use_cpu=True, gradient_checkpointing=False,
+                         per_device_train_batch_size=n, num_generations=4, max_completion_length=new_tokens,
+                         max_steps=repeats + 1, report_to="none", save_strategy="no", logging_steps=1,
+                         learning_rate=1e-5, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
+                         generation_kwargs={"min_new_tokens": new_tokens}, disable_tqdm=True)
+        trainer = GRPOTrainer(model=policy.model, reward_funcs=reward_fn, args=cfg, train_dataset=ds,
+                              processing_class=policy.tokenizer)
+        step_times: list[float] = []
+
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                step_times.append(time.perf_counter() - self.t0)
+
+        trainer.add_callback(Timer())
+        trainer.train()
+    t_grpo = statistics.median(step_times[1:])
+
+    # PPO: same completions per step and length; one optimiser step (epochs=1, one minibatch).
+    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    policy.model.generation_config.min_new_tokens = new_tokens
+    reference = ReferencePolicy(policy)
+    rewarder = CachedRewarder(detector, RewardConfig(mode="sentence"))
+    algo = AlgorithmConfig(batch_size=n, minibatch_size=n, epochs=1, lr=1e-5)
+    gen = GenerationConfig(max_new_tokens=new_tokens)
+    accelerator = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=algo.lr)
+    wrapped, opt = accelerator.prepare(policy, opt)
+    sources = [p[0] for p in pairs[:n]]
+    references = [refs[s] for s in sources]
+
+    def ppo_step():
+        rewarder.cache.clear()
+        ro = collect_rollout(policy, reference, rewarder, sources, references, gen)
+        kl = ppo.kl_penalty(ro.logprobs, ro.ref_logprobs) * ro.response_mask
+        ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, 1.0)
+
+    (t_ppo,) = median_times([ppo_step], repeats)
+    return {"ppo_step_s": t_ppo, "trl_grpo_step_s": t_grpo, "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    pairs = load_parallel("multi30k", "val")
+    with tempfile.TemporaryDirectory() as tmp:
+        seq2seq = build_tiny_seq2seq(Path(tmp) / "s2s")
+        causal = build_tiny_causal(Path(tmp) / "causal")
+        results = {**bench_rollout(seq2seq, pairs, args.repeats), **bench_vs_grpo(causal, pairs, args.repeats)}
+    print(f"threads: {args.threads}")
+    for k, v in results.items():
+        print(f"{k}: {v:.3f}")
+
+
+if __name__ == "__main__":
+    main()
