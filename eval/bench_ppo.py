@@ -7,6 +7,9 @@ Prints ``name: value`` lines:
   over tokens/s of a plain batched ``model.generate`` with the same sampling
   settings, model and batch. Target >= 0.8.
 * ``sampling_vs_generate``: the sampling part alone (the policy's ``generate``).
+* ``ppo_step_token_s`` / ``ppo_step_r3hf_s`` / ``r3hf_vs_token_step``: one PPO step (tiny seq2seq,
+  32 sources, 40 new tokens) with token-level span rewards vs R3HF rewards (the ``reference``
+  detector's score on every prefix).
 * ``ppo_step_vs_trl_grpo_step``: seconds of one PPO step (rollout + one optimiser
   step) over one TRL ``GRPOTrainer`` step, same tiny causal model, same number of
   completions (8), same completion length (24 new tokens, forced), same reward
@@ -79,6 +82,34 @@ def bench_rollout(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tok
     return {"generate_tokens_per_s": tokens / t_plain, "sampling_tokens_per_s": tokens / t_sample,
             "rollout_tokens_per_s": tokens / t_roll, "sampling_vs_generate": t_plain / t_sample,
             "rollout_vs_generate": t_plain / t_roll}
+
+
+def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens: int = 40) -> dict[str, float]:
+    from accelerate import Accelerator
+
+    from mtrl.algorithms import ppo
+
+    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    reference = ReferencePolicy(policy)
+    algo = AlgorithmConfig(batch_size=batch, minibatch_size=16, epochs=2)
+    gen = GenerationConfig(max_new_tokens=new_tokens)
+    accelerator = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    wrapped, opt = accelerator.prepare(policy, opt)
+    sources, refs = [p[0] for p in pairs[:batch]], [p[1] for p in pairs[:batch]]
+    rewarders = {mode: CachedRewarder(load_detector("reference"), RewardConfig(mode=mode)) for mode in ("token", "r3hf")}
+
+    def step(mode: str) -> None:
+        rw = rewarders[mode]
+        rw.cache.clear()
+        if rw.redistributor is not None:
+            rw.redistributor.cache.clear()
+        ro = collect_rollout(policy, reference, rw, sources, refs, gen)
+        kl = ppo.kl_penalty(ro.logprobs, ro.ref_logprobs) * ro.response_mask
+        ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, 1.0)
+
+    t_token, t_r3hf = median_times([lambda: step("token"), lambda: step("r3hf")], repeats)
+    return {"ppo_step_token_s": t_token, "ppo_step_r3hf_s": t_r3hf, "r3hf_vs_token_step": t_r3hf / t_token}
 
 
 def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
@@ -156,7 +187,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seq2seq = build_tiny_seq2seq(Path(tmp) / "s2s")
         causal = build_tiny_causal(Path(tmp) / "causal")
-        results = {**bench_rollout(seq2seq, pairs, args.repeats), **bench_vs_grpo(causal, pairs, args.repeats)}
+        results = {**bench_rollout(seq2seq, pairs, args.repeats), **bench_r3hf(seq2seq, pairs, args.repeats),
+                   **bench_vs_grpo(causal, pairs, args.repeats)}
     print(f"threads: {args.threads}")
     for k, v in results.items():
         print(f"{k}: {v:.3f}")

@@ -90,7 +90,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     reward = RewardConfig(mode=args.reward_mode, severity_map=_parse_severity_map(args.severity_map),
                           token_rewards=args.token_rewards, no_error=args.no_error_reward,
-                          hybrid_weight=args.hybrid_weight)
+                          hybrid_weight=args.hybrid_weight, scorer=args.scorer, scorer_model=args.scorer_model,
+                          r3hf_level=args.r3hf_level)
     rows = load_score_rows(args)
     gold = None
     if args.detector == "gold":
@@ -146,7 +147,7 @@ def render_pretty(index: int, seg: Any, color: bool) -> str:
 
 def add_score_parser(sub: Any) -> None:
     from mtrl.detectors import DETECTORS
-    from mtrl.rewards import REWARD_MODES
+    from mtrl.rewards import R3HF_LEVELS, R3HF_SCORERS, REWARD_MODES
 
     p = sub.add_parser("score", help="mark error spans and compute token-level rewards",
                        description="Score translations with an error-span detector; with --tokenizer also "
@@ -167,8 +168,15 @@ def add_score_parser(sub: Any) -> None:
     p.add_argument("--token-rewards", choices=("max", "spread"), default="max",
                    help="max: each token gets its most severe span's value; spread: a span's value is "
                         "split over its tokens (sums are kept)")
-    p.add_argument("--reward-mode", choices=REWARD_MODES, default="token")
+    p.add_argument("--reward-mode", choices=REWARD_MODES, default="token",
+                   help="token: severity map on tokens; sentence: the score on the last token; hybrid: both; "
+                        "r3hf: score differences of successive prefixes")
     p.add_argument("--hybrid-weight", type=float, default=1.0, help="weight of the sentence score in hybrid mode")
+    p.add_argument("--scorer", choices=R3HF_SCORERS, default="detector",
+                   help="r3hf: sentence scorer evaluated on every prefix (chrf/bleu: sacrebleu, 0-100)")
+    p.add_argument("--scorer-model", help="r3hf with --scorer comet: COMET hub id or local checkpoint")
+    p.add_argument("--r3hf-level", choices=R3HF_LEVELS, default="token",
+                   help="r3hf prefixes at every token, or only at word ends (cheaper)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="output file (written atomically); stdout when absent")
     p.add_argument("--format", choices=("jsonl", "pretty"), default="jsonl")

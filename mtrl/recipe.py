@@ -78,12 +78,15 @@ class DetectorConfig:
 
 @dataclass
 class RewardSection:
-    mode: Literal["token", "sentence", "hybrid"] = "token"
+    mode: Literal["token", "sentence", "hybrid", "r3hf"] = "token"
     severity_map: str | dict[str, float] = "xcomet"
     token_rewards: Literal["max", "spread"] = "max"
     no_error: float = 0.0
     hybrid_weight: float = 1.0
     scale: float = 1.0  # multiply all task rewards (e.g. 0.1 to bring -10 penalties near the KL scale)
+    scorer: Literal["detector", "chrf", "bleu", "comet"] = "detector"  # r3hf: scorer of every prefix
+    scorer_model: str | None = None  # r3hf + comet: hub id or local checkpoint
+    r3hf_level: Literal["token", "word"] = "token"
 
 
 @dataclass

@@ -18,11 +18,11 @@ from mtrl.errors import MtrlError
 from mtrl.spans import ErrorSpan, SeverityMap, get_severity_map
 
 TOKEN_REWARD_MODES: tuple[str, ...] = ("max", "spread")
-REWARD_MODES: tuple[str, ...] = ("token", "sentence", "hybrid")
-# Extension point: "r3hf" (reward redistribution from prefix scores) will join REWARD_MODES.
-# It needs the detector's score of every prefix of the hypothesis, so it will take a
-# ``prefix_scores`` argument in :func:`token_rewards` and turn score differences between
-# consecutive token boundaries into per-token rewards; see the marked branch there.
+REWARD_MODES: tuple[str, ...] = ("token", "sentence", "hybrid", "r3hf")
+# "r3hf" (reward redistribution from prefix scores) needs a scorer call per prefix, so it is
+# computed by :mod:`mtrl.redistribution`, not by :func:`token_rewards`.
+R3HF_SCORERS: tuple[str, ...] = ("detector", "chrf", "bleu", "comet")
+R3HF_LEVELS: tuple[str, ...] = ("token", "word")
 
 
 def _prepare(text: str, spans: Iterable[ErrorSpan | Mapping[str, Any]], smap: SeverityMap) -> list[tuple[int, int, float, bool]]:
@@ -160,6 +160,9 @@ class RewardConfig:
     token_rewards: str = "max"
     no_error: float = 0.0
     hybrid_weight: float = 1.0
+    scorer: str = "detector"  # r3hf: the sentence scorer evaluated on every prefix
+    scorer_model: str | None = None  # r3hf with the comet scorer: hub id or local checkpoint
+    r3hf_level: str = "token"  # r3hf: prefixes at every token, or only at word ends (cheaper)
     smap: SeverityMap = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -169,6 +172,9 @@ class RewardConfig:
             raise MtrlError(
                 f"reward token_rewards: unknown value {self.token_rewards!r}; allowed: {', '.join(TOKEN_REWARD_MODES)}"
             )
+        for key, allowed in (("scorer", R3HF_SCORERS), ("r3hf_level", R3HF_LEVELS)):
+            if getattr(self, key) not in allowed:
+                raise MtrlError(f"reward {key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
         for key in ("no_error", "hybrid_weight"):
             val = getattr(self, key)
             if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or abs(val) == float("inf"):
@@ -214,6 +220,8 @@ def token_rewards(
     if not -n <= last < n:
         raise IndexError(f"last_index {last} outside a sequence of {n} tokens")
     mode = config.mode
+    if mode == "r3hf":
+        raise ValueError("r3hf rewards come from mtrl.redistribution (they need prefix scores)")
     if mode == "sentence":
         out = [0.0] * n
         out[last] = float(detection.score)
@@ -221,7 +229,6 @@ def token_rewards(
     out = spans_to_token_rewards(text, offsets, detection.spans, config.smap, config.token_rewards)
     if mode == "hybrid":
         out[last] += config.hybrid_weight * float(detection.score)
-    # Extension point: mode == "r3hf" goes here (prefix-score differences per token).
     return out
 
 

@@ -64,6 +64,12 @@ class CachedRewarder:
         self.use_reference = use_reference or detector.needs_reference
         self.cache: dict[tuple[str, str, str | None], Detection] = {}
         self.hits = self.misses = 0
+        self.redistributor = None
+        if config.mode == "r3hf":
+            from mtrl.redistribution import Redistributor, load_scorer
+
+            scorer = load_scorer(config.scorer, detector, config.scorer_model)
+            self.redistributor = Redistributor(scorer, config.r3hf_level)
 
     def detect(self, sources: Sequence[str], hypotheses: Sequence[str],
                references: Sequence[str | None] | None) -> list[Detection]:
@@ -83,8 +89,16 @@ class CachedRewarder:
     def __call__(self, tokenizer, sources, references, responses: torch.Tensor, mask: torch.Tensor):
         """Per-token rewards (B, T) for the responses, plus their texts and detections."""
         texts, offsets, lengths = decode_responses(tokenizer, responses, mask)
-        detections = self.detect(sources, texts, references)
         rewards = torch.zeros(responses.shape, dtype=torch.float32)
+        if self.redistributor is not None:  # r3hf: prefix-score differences; the full score stands in for spans
+            needs_ref = self.use_reference or self.redistributor.scorer.needs_reference
+            refs = references if needs_ref else None
+            per_token, full = self.redistributor(sources, texts, offsets, refs)
+            for i, (r, n) in enumerate(zip(per_token, lengths)):
+                rewards[i, :n] = torch.tensor(r[:n], dtype=torch.float32)
+            detections = [Detection([], s) for s in full]
+            return rewards * self.scale * mask.float().cpu(), texts, detections
+        detections = self.detect(sources, texts, references)
         for i, (det, text, offs, n) in enumerate(zip(detections, texts, offsets, lengths)):
             if n:
                 rewards[i, :n] = torch.tensor(token_rewards(det, text, offs, self.config), dtype=torch.float32)

@@ -115,6 +115,11 @@ def score(
     sources = list(sources) if sources is not None else [""] * n
     if len(sources) != n or (references is not None and len(references) != n):
         raise MtrlError("sources, hypotheses and references must have the same number of rows")
+    cfg = reward if isinstance(reward, RewardConfig) else RewardConfig(**(reward or {}))
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if cfg.mode == "r3hf":
+        return _score_r3hf(list(hypotheses), sources, references, detector, detector_options, tokenizer, cfg)
     if gold_spans is not None:
         if len(gold_spans) != n:
             raise MtrlError("gold_spans must have one list of spans per hypothesis")
@@ -126,9 +131,6 @@ def score(
             raise MtrlError(f"the {det.name} detector needs a reference for every row (row {missing} has none)")
         detections = detect_batched(det, sources, list(hypotheses), references, batch_size, progress)
 
-    cfg = reward if isinstance(reward, RewardConfig) else RewardConfig(**(reward or {}))
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
     out = []
     for hyp, d in zip(hypotheses, detections):
         seg = ScoredSegment(hyp, d.spans, d.score, d.truncated, extra=d.extra)
@@ -138,6 +140,24 @@ def score(
             seg.token_rewards = token_rewards(d, hyp, offsets, cfg)
         out.append(seg)
     return out
+
+
+def _score_r3hf(hypotheses, sources, references, detector, detector_options, tokenizer, cfg) -> list[ScoredSegment]:
+    """R3HF: every prefix scored by the sentence scorer; token rewards are the score differences."""
+    from mtrl.redistribution import Redistributor, load_scorer
+
+    if tokenizer is None:
+        raise MtrlError("the r3hf reward mode needs a tokenizer (--tokenizer): rewards are per token")
+    det = None
+    if cfg.scorer == "detector":
+        det = load_detector(detector, **(detector_options or {})) if isinstance(detector, str) else detector
+    scorer = load_scorer(cfg.scorer, det, cfg.scorer_model)
+    if scorer.needs_reference and (references is None or any(not (r or "").strip() for r in references)):
+        raise MtrlError(f"the {scorer.name} scorer needs a reference for every row")
+    encoded = [hypothesis_offsets(tokenizer, h) for h in hypotheses]
+    per_token, full = Redistributor(scorer, cfg.r3hf_level)(sources, hypotheses, [o for _, o in encoded], references)
+    return [ScoredSegment(h, [], s, tokens=tokenizer.convert_ids_to_tokens(ids), token_rewards=r)
+            for h, s, (ids, _), r in zip(hypotheses, full, encoded, per_token)]
 
 
 def detect_batched(

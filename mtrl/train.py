@@ -275,7 +275,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str
     detector = load_detector(recipe.detector.name, **det_opts)
     rc = recipe.reward
     reward_cfg = RewardConfig(mode=rc.mode, severity_map=rc.severity_map, token_rewards=rc.token_rewards,
-                              no_error=rc.no_error, hybrid_weight=rc.hybrid_weight)
+                              no_error=rc.no_error, hybrid_weight=rc.hybrid_weight, scorer=rc.scorer,
+                              scorer_model=rc.scorer_model, r3hf_level=rc.r3hf_level)
     rewarder = CachedRewarder(detector, reward_cfg, rc.scale, use_reference=recipe.detector.use_reference)
 
     # 3. policy, reference, optimiser

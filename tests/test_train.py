@@ -134,3 +134,15 @@ def test_shipped_recipe_runs_one_step_on_stand_ins(path, tiny_seq2seq, tiny_nllb
         recipe.policy.dtype, recipe.train.mixed_precision = "float32", "no"  # bf16 on this CPU is slow, not wrong
     results = train(recipe, quiet=True)
     assert "after" in results and read_metrics(Path(recipe.run_dir))[0]["step"] == 1
+
+
+@pytest.mark.parametrize("scorer", ["chrf", "detector"])
+def test_ppo_with_r3hf_rewards(scorer, tiny_seq2seq, small_data, tmp_path):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tiny_seq2seq, small_data, run, reward={"mode": "r3hf", "scorer": scorer})
+    train(recipe_from_dict(recipe), quiet=True)
+    rows = read_metrics(run)
+    assert len(rows) == 2 and REQUIRED <= set(rows[0])
+    if scorer == "chrf":  # the task reward of a sequence telescopes to chrF(hypothesis) - chrF("")
+        assert 0.0 <= rows[0]["reward_mean"] <= 100.0
+        assert rows[0]["reward_mean"] == pytest.approx(rows[0]["sentence_score_mean"], abs=0.5)
