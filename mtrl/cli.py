@@ -184,6 +184,65 @@ def add_score_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_score)
 
 
+# --------------------------------------------------------------------------- label
+def cmd_label(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mtrl.label import label, print_summary, read_mt_outputs, sample_rows
+    from mtrl.rewards import RewardConfig
+
+    if bool(args.input) == bool(args.policy):
+        raise MtrlError("give either --input (existing MT outputs) or --policy with --samples and --data")
+    if args.policy:
+        from mtrl.train import load_pairs
+
+        from mtrl.recipe import DataConfig
+
+        pairs = load_pairs(args.data, DataConfig(), args.max_sources)
+        rows = sample_rows(args.policy, pairs, args.samples, args.temperature, args.max_new_tokens,
+                           seed=args.seed, progress=not args.quiet)
+    else:
+        rows = read_mt_outputs(args.input, args.ref_column)
+    if not rows:
+        raise MtrlError("no rows to label")
+    reward = RewardConfig(mode=args.reward_mode, severity_map=_parse_severity_map(args.severity_map),
+                          token_rewards=args.token_rewards, no_error=args.no_error_reward)
+    options = {"model": args.model or "Unbabel/XCOMET-XL", "batch_size": args.batch_size} \
+        if args.detector == "xcomet" else {}
+    tokenizer = args.tokenizer or args.policy
+    counts = label(rows, args.output, detector=args.detector, detector_options=options, tokenizer=tokenizer,
+                   reward=reward, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
+    print_summary(counts, Path(args.output))
+    return 0
+
+
+def add_label_parser(sub: Any) -> None:
+    p = sub.add_parser("label", help="label MT outputs or policy samples with a detector (offline RL data)",
+                       description="Write detector spans, scores and per-token rewards for (source, hypothesis, "
+                                   "reference) rows: JSON lines plus a Parquet copy. Resumable.")
+    p.add_argument("--input", help="JSONL (src/mt/ref) or a WMT-style TSV (source, ref_A, hyp_<SYSTEM> columns)")
+    p.add_argument("--ref-column", default="ref_A", help="reference column of a TSV input (default ref_A)")
+    p.add_argument("--policy", help="sample hypotheses from this model (hub id or local path)")
+    p.add_argument("--samples", type=int, default=4, help="samples per source with --policy (default 4)")
+    p.add_argument("--data", default="multi30k:train", help="sources to sample from: multi30k:SPLIT or a file")
+    p.add_argument("--max-sources", type=int, help="use only the first N sources")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="output JSON lines (a .parquet copy is written beside it)")
+    p.add_argument("--detector", choices=("reference", "xcomet"), default="reference")
+    p.add_argument("--model", help="xCOMET hub id or local checkpoint")
+    p.add_argument("--tokenizer", help="write token_ids/token_rewards for this tokenizer (default: --policy's)")
+    p.add_argument("--severity-map", default="xcomet")
+    p.add_argument("--token-rewards", choices=("max", "spread"), default="max")
+    p.add_argument("--reward-mode", choices=("token", "sentence", "hybrid"), default="token")
+    p.add_argument("--no-error-reward", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256, help="longer hypotheses are rejected (default 256)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_label)
+
+
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from mtrl.recipe import load_recipe
@@ -215,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_score_parser(sub)
     add_train_parser(sub)
+    add_label_parser(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

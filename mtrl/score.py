@@ -30,6 +30,7 @@ class ScoredSegment:
     truncated: bool = False
     tokens: list[str] | None = None
     token_rewards: list[float] | None = None
+    token_ids: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -41,6 +42,7 @@ class ScoredSegment:
             out["truncated"] = True
         if self.tokens is not None:
             out["tokens"] = self.tokens
+            out["token_ids"] = self.token_ids
             out["token_rewards"] = self.token_rewards
         return out
 
@@ -136,7 +138,7 @@ def score(
         seg = ScoredSegment(hyp, d.spans, d.score, d.truncated, extra=d.extra)
         if tokenizer is not None:
             ids, offsets = hypothesis_offsets(tokenizer, hyp)
-            seg.tokens = tokenizer.convert_ids_to_tokens(ids)
+            seg.tokens, seg.token_ids = tokenizer.convert_ids_to_tokens(ids), ids
             seg.token_rewards = token_rewards(d, hyp, offsets, cfg)
         out.append(seg)
     return out
@@ -156,7 +158,7 @@ def _score_r3hf(hypotheses, sources, references, detector, detector_options, tok
         raise MtrlError(f"the {scorer.name} scorer needs a reference for every row")
     encoded = [hypothesis_offsets(tokenizer, h) for h in hypotheses]
     per_token, full = Redistributor(scorer, cfg.r3hf_level)(sources, hypotheses, [o for _, o in encoded], references)
-    return [ScoredSegment(h, [], s, tokens=tokenizer.convert_ids_to_tokens(ids), token_rewards=r)
+    return [ScoredSegment(h, [], s, tokens=tokenizer.convert_ids_to_tokens(ids), token_rewards=r, token_ids=ids)
             for h, s, (ids, _), r in zip(hypotheses, full, encoded, per_token)]
 
 

@@ -1,0 +1,179 @@
+"""``mtrl label``: build an offline RL dataset of detector-labelled translations.
+
+Rows are (source, hypothesis, optional reference): existing MT outputs (JSONL,
+or a WMT-style TSV with ``source``, ``ref_A`` and one ``hyp_<SYSTEM>`` column per
+system), or N samples per source drawn from a policy. Each row is scored in
+batches through :func:`mtrl.score.score` and written with its spans, sentence
+score and, for a tokenizer, ``token_ids`` and ``token_rewards``: exactly what the
+Q-SFT trainer reads.
+
+* Resumable: every finished chunk is appended to ``OUTPUT.partial``; a rerun
+  skips rows already labelled there or in a finished ``OUTPUT``.
+* De-duplicated: a repeated (source, hypothesis, reference) row is scored once.
+* Bad rows (empty hypothesis, over-length, missing reference) are written to
+  ``OUTPUT.rejected.jsonl`` with a ``reason`` and counted in the summary.
+* Atomic: ``OUTPUT`` (JSON lines) and ``OUTPUT.parquet`` (a ``datasets`` table)
+  appear only when the whole set is done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mtrl.errors import MtrlError
+from mtrl.io import atomic_open, read_jsonl, write_jsonl
+
+Key = tuple[str, str, str | None]
+
+
+def _key(row: dict[str, Any]) -> Key:
+    return (row.get("src") or "", row["mt"], row.get("ref"))
+
+
+def read_mt_outputs(path: str | Path, ref_column: str = "ref_A") -> list[dict[str, Any]]:
+    """Rows of a JSONL file (src/mt/ref or source/hypothesis/reference) or a WMT-style system-output TSV."""
+    p = Path(path)
+    if p.suffix == ".tsv":
+        try:
+            df = pd.read_csv(p, sep="\t", keep_default_na=False, dtype=str)
+        except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise MtrlError(f"{path}: cannot read as TSV ({str(e).splitlines()[0]})") from None
+        systems = [c for c in df.columns if c.startswith("hyp_")]
+        if "source" not in df.columns or not systems:
+            raise MtrlError(f"{path}: a system-output TSV needs a 'source' column and 'hyp_<SYSTEM>' columns")
+        refs = df[ref_column] if ref_column in df.columns else [None] * len(df)
+        return [{"src": s, "mt": h, "ref": r, "system": col[4:]}
+                for col in systems for s, h, r in zip(df["source"], df[col], refs)]
+    rows = []
+    for i, r in enumerate(read_jsonl(p), 1):
+        mt = r.get("mt", r.get("hypothesis"))
+        if not isinstance(mt, str):
+            raise MtrlError(f"{path}: row {i} has no text field 'mt' (or 'hypothesis')")
+        rows.append({**r, "src": r.get("src", r.get("source")), "mt": mt, "ref": r.get("ref", r.get("reference"))})
+    return rows
+
+
+def sample_rows(model: str, pairs: Sequence[tuple[str, str]], samples: int, temperature: float = 1.0,
+                max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, policy_config: Any = None,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """N sampled translations per source from a policy (hub id or local path)."""
+    import torch
+
+    from mtrl.policy import build_policy
+    from mtrl.recipe import GenerationConfig, PolicyConfig
+    from mtrl.rollout import decode_responses
+
+    torch.manual_seed(seed)
+    policy = build_policy(policy_config or PolicyConfig(model=model), model, "English", "German")
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    rows = []
+    expanded = [(s, r, k) for s, r in pairs for k in range(samples)]
+    for i in tqdm(range(0, len(expanded), batch_size), desc="sample", disable=not progress, leave=False):
+        chunk = expanded[i:i + batch_size]
+        q, qm = policy.encode_sources([c[0] for c in chunk])
+        responses, mask = policy.generate(q, qm, gen, sample=True)
+        texts, _, _ = decode_responses(policy.tokenizer, responses, mask)
+        rows += [{"src": s, "mt": t, "ref": r, "sample": k} for (s, r, k), t in zip(chunk, texts)]
+    return rows
+
+
+def check_row(row: dict[str, Any], needs_reference: bool, tokenizer: Any, max_tokens: int) -> str | None:
+    """Why a row cannot be labelled, or None."""
+    if not row["mt"].strip():
+        return "empty hypothesis"
+    if needs_reference and not (row.get("ref") or "").strip():
+        return "missing reference"
+    if tokenizer is not None:
+        n = len(tokenizer(text_target=row["mt"])["input_ids"])
+        if n > max_tokens:
+            return f"over-length: {n} tokens > {max_tokens}"
+    elif len(row["mt"]) > 8 * max_tokens:
+        return f"over-length: {len(row['mt'])} characters > {8 * max_tokens}"
+    return None
+
+
+def label(rows: list[dict[str, Any]], output: str | Path, *, detector: str = "reference",
+          detector_options: dict[str, Any] | None = None, tokenizer: Any = None, reward: Any = None,
+          batch_size: int = 64, chunk_size: int = 512, max_tokens: int = 256, progress: bool = True) -> dict[str, int]:
+    """Label ``rows`` into ``output``; returns counts (labelled, reused, duplicates, rejected)."""
+    from mtrl.detectors import load_detector
+    from mtrl.score import load_tokenizer, score
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    det = load_detector(detector, **(detector_options or {}))
+    done: dict[Key, dict[str, Any]] = {}
+    for path in (output, partial):
+        if path.exists():
+            for r in read_jsonl(path):
+                done.setdefault(_key(r), r)
+    reused = sum(1 for r in rows if _key(r) in done)
+    rejected, todo, seen = [], [], set(done)
+    duplicates = 0
+    for i, r in enumerate(rows, 1):
+        k = _key(r)
+        if k in seen:
+            duplicates += k not in done
+            continue
+        why = check_row(r, det.needs_reference, tokenizer, max_tokens)
+        if why:
+            rejected.append({**r, "row": i, "reason": why})
+            continue
+        seen.add(k)
+        todo.append(r)
+    with tqdm(total=len(todo), desc=f"label ({det.name})", unit="seg", disable=not progress) as bar:
+        for i in range(0, len(todo), chunk_size):
+            chunk = todo[i:i + chunk_size]
+            refs = [r.get("ref") for r in chunk]
+            segs = score([r["mt"] for r in chunk], [r.get("src") or "" for r in chunk],
+                         None if all(x is None for x in refs) else refs, detector=det, tokenizer=tokenizer,
+                         reward=reward, batch_size=batch_size)
+            labelled = [{**r, **s.to_dict()} for r, s in zip(chunk, segs)]
+            with open(partial, "a", encoding="utf-8") as f:  # each line complete: a crash loses at most a chunk
+                f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in labelled))
+            for x in labelled:
+                done.setdefault(_key(x), x)
+            bar.update(len(chunk))
+    final = [done[_key(r)] for r in _unique(rows) if _key(r) in done]
+    write_jsonl(output, final)
+    write_parquet(output.with_suffix(".parquet"), final)
+    if rejected:
+        write_jsonl(output.with_name(output.stem + ".rejected.jsonl"), rejected)
+    partial.unlink(missing_ok=True)
+    return {"labelled": len(todo), "reused": reused, "duplicates": duplicates, "rejected": len(rejected),
+            "rows": len(final)}
+
+
+def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for r in rows:
+        if _key(r) not in seen:
+            seen.add(_key(r))
+            out.append(r)
+    return out
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The same rows as a Parquet table (pandas + pyarrow; ``datasets.load_dataset("parquet", ...)`` reads it)."""
+    flat = [{**r, "spans": json.dumps(r.get("spans", []), ensure_ascii=False),
+             **({"error_spans": json.dumps(r["error_spans"], ensure_ascii=False)} if "error_spans" in r else {})}
+            for r in rows]
+    with atomic_open(path, "wb") as f:
+        pd.DataFrame(flat).to_parquet(f, index=False)
+
+
+def print_summary(counts: dict[str, int], output: Path) -> None:
+    line = (f"{counts['rows']} rows in {output} ({counts['labelled']} labelled now, {counts['reused']} reused, "
+            f"{counts['duplicates']} duplicates, {counts['rejected']} rejected")
+    if counts["rejected"]:
+        line += f": see {output.with_name(output.stem + '.rejected.jsonl')}"
+    print(line + ")", file=sys.stderr)

@@ -1,0 +1,94 @@
+"""``mtrl label``: labelled offline data, resumable, de-duplicated, bad rows kept out with a reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtrl.detectors.reference import ReferenceDetector
+from mtrl.label import label, read_mt_outputs, sample_rows
+from tests.fixtures.tokenizers import get_tokenizer
+
+TSV = ("lp\tsource\tref_A\thyp_A\thyp_B\n"
+       "en-de\tA man rides.\tEin Mann fährt.\tEin Mann fährt.\tEin Mann läuft.\n"
+       "en-de\tTwo dogs.\tZwei Hunde.\tZwei Hunde.\t\n"
+       "en-de\tA cat.\tEine Katze.\tEine Katze 12.\tEine Katze 12.\n")
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_label_tsv_outputs(tmp_path):
+    (tmp_path / "sys.tsv").write_text(TSV)
+    rows = read_mt_outputs(tmp_path / "sys.tsv")
+    assert len(rows) == 6 and {r["system"] for r in rows} == {"A", "B"}
+    out = tmp_path / "out" / "labelled.jsonl"
+    counts = label(rows, out, tokenizer=get_tokenizer("unigram"), progress=False)
+    # 6 rows: one empty hypothesis (rejected), one exact duplicate ("Eine Katze 12." for both systems)
+    assert counts == {"labelled": 4, "reused": 0, "duplicates": 1, "rejected": 1, "rows": 4}
+    got = read(out)
+    assert len(got) == 4 and all(len(r["token_ids"]) == len(r["token_rewards"]) == len(r["tokens"]) for r in got)
+    bad = next(r for r in got if r["mt"] == "Eine Katze 12.")
+    assert any(s["text"] == "12" for s in bad["spans"]) and min(bad["token_rewards"]) < 0
+    rejected = read(tmp_path / "out" / "labelled.rejected.jsonl")
+    assert rejected[0]["reason"] == "empty hypothesis" and rejected[0]["row"] == 5
+    from datasets import load_dataset
+
+    table = load_dataset("parquet", data_files=str(out.with_suffix(".parquet")), split="train")
+    assert table.num_rows == 4 and table[0]["mt"] == got[0]["mt"]
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_over_length_and_missing_reference_are_rejected(tmp_path):
+    rows = [{"src": "x", "mt": "ein " * 50, "ref": "ein"}, {"src": "y", "mt": "zwei", "ref": None},
+            {"src": "z", "mt": "drei", "ref": "drei"}]
+    counts = label(rows, tmp_path / "o.jsonl", tokenizer=get_tokenizer("unigram"), max_tokens=20, progress=False)
+    assert counts["rejected"] == 2 and counts["rows"] == 1
+    reasons = [r["reason"] for r in read(tmp_path / "o.rejected.jsonl")]
+    assert reasons[0].startswith("over-length: ") and reasons[1] == "missing reference"
+
+
+def test_resume_after_a_crash_skips_finished_chunks(tmp_path, monkeypatch):
+    rows = [{"src": f"s{i}", "mt": f"Satz {i}", "ref": f"Satz {i + 1}"} for i in range(10)]
+    out = tmp_path / "o.jsonl"
+    calls = []
+    real = ReferenceDetector.detect
+
+    def crashing(self, sources, hypotheses, references=None):
+        calls.append(len(hypotheses))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, sources, hypotheses, references)
+
+    monkeypatch.setattr(ReferenceDetector, "detect", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        label(rows, out, chunk_size=4, progress=False)
+    assert not out.exists() and len(read(out.with_name("o.jsonl.partial"))) == 4  # nothing half-written
+    calls.clear()
+    monkeypatch.setattr(ReferenceDetector, "detect", real)
+    counts = label(rows, out, chunk_size=4, progress=False)
+    assert counts["reused"] == 4 and counts["labelled"] == 6 and len(read(out)) == 10
+    assert [r["mt"] for r in read(out)] == [r["mt"] for r in rows]  # input order kept
+
+
+def test_sample_rows_from_a_policy(tiny_seq2seq):
+    rows = sample_rows(str(tiny_seq2seq), [("A man.", "Ein Mann."), ("A dog.", "Ein Hund.")], samples=3,
+                       max_new_tokens=5, progress=False)
+    assert len(rows) == 6 and [r["sample"] for r in rows] == [0, 1, 2, 0, 1, 2]
+    assert all(r["ref"] in ("Ein Mann.", "Ein Hund.") and isinstance(r["mt"], str) for r in rows)
+
+
+def test_cli_label_and_its_errors(tmp_path):
+    (tmp_path / "sys.tsv").write_text(TSV)
+    cmd = [sys.executable, "-m", "mtrl.cli", "label"]
+    ok = subprocess.run(cmd + ["--input", str(tmp_path / "sys.tsv"), "--output", str(tmp_path / "l.jsonl"),
+                               "--quiet"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "4 rows in" in ok.stderr and "1 rejected" in ok.stderr
+    bad = subprocess.run(cmd + ["--output", str(tmp_path / "x.jsonl")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("mtrl: error: give either --input")
