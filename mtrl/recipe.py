@@ -91,7 +91,7 @@ class RewardSection:
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["ppo", "reinforce", "rloo"] = "ppo"
+    name: Literal["ppo", "reinforce", "rloo", "qsft"] = "ppo"  # qsft: offline, see the `offline` section
     lr: float = 1e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
@@ -125,6 +125,17 @@ class GenerationConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """Offline RL (algorithm.name: qsft): a labelled dataset, or one sampled from the policy and labelled here."""
+
+    data: str | None = None  # JSONL from `mtrl label` (token_ids, token_rewards); null: sample + label here
+    num_sources: int = 500  # sources taken from data.train to sample from
+    samples_per_source: int = 4
+    temperature: float = 1.0
+    qsft: dict[str, Any] = field(default_factory=dict)  # mtrl.algorithms.qsft.QSFTConfig fields
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     log_every: int = 1
@@ -147,6 +158,7 @@ class Recipe:
     reward: RewardSection = field(default_factory=RewardSection)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,6 +259,17 @@ def _check_semantics(r: Recipe) -> None:
     from mtrl.spans import get_severity_map
 
     get_severity_map(r.reward.severity_map)
+    if a.name == "qsft":
+        if r.reward.mode not in ("token", "sentence"):
+            raise MtrlError("reward.mode must be 'token' or 'sentence' for qsft")
+        from mtrl.algorithms.qsft import QSFTConfig
+
+        allowed = [f.name for f in dataclasses.fields(QSFTConfig) if f.name not in ("policy", "src_lang", "tgt_lang")]
+        for key in r.offline.qsft:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
+                raise MtrlError(f"unknown key 'offline.qsft.{key}'{hint}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

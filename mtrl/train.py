@@ -282,8 +282,20 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str
     # 3. policy, reference, optimiser
     accelerator = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
     policy = build_policy(recipe.policy, model_path, d.src_lang, d.tgt_lang).to(accelerator.device)
-    reference = ReferencePolicy(policy)
     a = recipe.algorithm
+    if a.name == "qsft":  # offline: no rollouts and no checkpoints of the loop below, see mtrl.offline
+        from mtrl.offline import run_qsft
+
+        results: dict[str, Any] = {}
+        if eval_pairs:
+            log(f"mtrl: evaluating the initial policy on {len(eval_pairs)} segments ...")
+            results["before"] = evaluate_policy(policy, eval_pairs, recipe.generation, rewarder)
+        del policy
+        results = run_qsft(recipe, model_path, train_pairs, eval_pairs, rewarder, results, log)
+        results["wall_time_s"] = time.perf_counter() - t_start
+        write_json(run_dir / "eval.json", results)
+        return results
+    reference = ReferencePolicy(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
     scheduler = get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.warmup_steps,

@@ -146,3 +146,26 @@ def test_ppo_with_r3hf_rewards(scorer, tiny_seq2seq, small_data, tmp_path):
     if scorer == "chrf":  # the task reward of a sequence telescopes to chrF(hypothesis) - chrF("")
         assert 0.0 <= rows[0]["reward_mean"] <= 100.0
         assert rows[0]["reward_mean"] == pytest.approx(rows[0]["sentence_score_mean"], abs=0.5)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "causal"])
+def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tiny_causal, small_data, tmp_path):
+    run = tmp_path / "run"
+    model = tiny_seq2seq if kind == "seq2seq" else tiny_causal
+    recipe = tiny_recipe(model, small_data, run, algorithm={"name": "qsft"},
+                         offline={"num_sources": 4, "samples_per_source": 2,
+                                  "qsft": {"max_steps": 2, "batch_size": 4, "sft_steps": 1, "logging_steps": 1}})
+    results = train(recipe_from_dict(recipe), quiet=True)
+    assert {"before", "after"} <= set(results) and "chrf" in results["after"]
+    labelled = [json.loads(line) for line in (run / "offline" / "labelled.jsonl").read_text().splitlines()]
+    assert len(labelled) <= 8 and all(len(r["token_ids"]) == len(r["token_rewards"]) for r in labelled)
+    assert (run / "final" / "q_model" / "config.json").exists() and (run / "final" / "behaviour").exists()
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
+
+
+def test_qsft_recipe_rejects_unknown_options(tiny_seq2seq, small_data, tmp_path):
+    from mtrl.errors import MtrlError
+
+    recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path, algorithm={"name": "qsft"}, offline={"qsft": {"tua": 1}})
+    with pytest.raises(MtrlError, match="unknown key 'offline.qsft.tua'; did you mean 'tau'"):
+        recipe_from_dict(recipe)

@@ -351,6 +351,8 @@ def train_qsft(model_path: str, rows: list[dict], out_dir: Path, config: QSFTCon
     trainer = make_trainer(model, tok, kind, features, config, out_dir / "qsft_run", config.max_steps, config.lr,
                            target_model=target, behaviour_model=behaviour)
     trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h or "qsft_target_mean" in h]
+    (out_dir / "qsft_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in log))
 
     for name, m in (("q_model", model), ("behaviour", behaviour)):
         m.save_pretrained(out_dir / name)
