@@ -47,10 +47,10 @@ def offline_rows(recipe: Recipe, model_path: str, train_pairs: Sequence[tuple[st
 def _detector_options(recipe: Recipe) -> dict[str, Any]:
     d = recipe.detector
     if d.name == "xcomet":
-        return {"model": d.model or "Unbabel/XCOMET-XL", "batch_size": d.batch_size}
+        return {"model": d.model or "Unbabel/XCOMET-XL", "batch_size": d.batch_size, **d.options}
     if d.name == "gold":
-        return {"path": d.path}
-    return {}
+        return {"path": d.path, **d.options}
+    return dict(d.options)
 
 
 def run_qsft(recipe: Recipe, model_path: str, train_pairs, eval_pairs, rewarder: Any, results: dict[str, Any],

@@ -74,6 +74,7 @@ class DetectorConfig:
     batch_size: int = 16
     use_reference: bool = False  # xcomet: QE (source + hypothesis) like Ramos et al., or with the reference
     path: str | None = None  # gold: annotated rows
+    options: dict[str, Any] = field(default_factory=dict)  # more constructor options, e.g. reference: omission_weight
 
 
 @dataclass
@@ -215,6 +216,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         raise MtrlError(f"{where}: expected {tp.__name__}, got {value!r}")
     if isinstance(value, tp):

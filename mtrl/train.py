@@ -272,7 +272,7 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str
         det_opts = {"model": recipe.detector.model or "Unbabel/XCOMET-XL", "batch_size": recipe.detector.batch_size}
     elif recipe.detector.name == "gold":
         det_opts = {"path": recipe.detector.path}
-    detector = load_detector(recipe.detector.name, **det_opts)
+    detector = load_detector(recipe.detector.name, **det_opts, **recipe.detector.options)
     rc = recipe.reward
     reward_cfg = RewardConfig(mode=rc.mode, severity_map=rc.severity_map, token_rewards=rc.token_rewards,
                               no_error=rc.no_error, hybrid_weight=rc.hybrid_weight, scorer=rc.scorer,

@@ -177,3 +177,22 @@ def test_beats_chrf_kendall_tau_on_mqm_dev(det):
     chrf = [sentence_chrf(r["hypothesis"], [r["reference"]]).score for r in rows]
     tau_ours, tau_chrf = kendalltau(ours, human).statistic, kendalltau(chrf, human).statistic
     assert tau_ours > tau_chrf, (tau_ours, tau_chrf)
+
+
+def test_omission_weight_penalises_left_out_content_words():
+    plain, strict = ReferenceDetector(), ReferenceDetector(omission_weight=5)
+    ref = "Ein Mann fährt ein rotes Fahrrad."
+    short, full = "Ein Mann.", "Ein Mann fährt ein rotes Fahrrad."
+    # precision-only by default: dropping words costs nothing
+    assert plain.detect([""], [short], [ref])[0].score == plain.detect([""], [full], [ref])[0].score == 0.0
+    d = strict.detect([""], [short], [ref])[0]
+    assert d.extra["omissions"] == 3 and d.score == -15.0  # fährt, rotes, Fahrrad; 'ein' is a function word
+    assert d.spans == []  # an omission has no place in the hypothesis
+    assert strict.detect([""], [full], [ref])[0].score == 0.0
+
+
+def test_unknown_detector_option_is_a_user_error():
+    from mtrl.detectors import load_detector
+
+    with pytest.raises(MtrlError, match="reference detector: got an unexpected keyword argument 'omision_weight'"):
+        load_detector("reference", omision_weight=1)

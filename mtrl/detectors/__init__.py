@@ -6,15 +6,26 @@ Modules are imported lazily so that the embedded default never pays for
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mtrl.detectors.base import Detection, Detector
+from mtrl.errors import MtrlError
 
 DETECTORS = ("reference", "xcomet", "gold")
 
 
 def load_detector(name: str, **options: Any) -> Detector:
-    """Build a detector by name; ``options`` go to its constructor."""
+    """Build a detector by name; ``options`` go to its constructor (an unknown one is a user error)."""
+    try:
+        return _build(name, options)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise MtrlError(f"{name} detector: " + re.sub(r"^\S*__init__\(\) ", "", str(e))) from None
+
+
+def _build(name: str, options: dict[str, Any]) -> Detector:
     if name == "reference":
         from mtrl.detectors.reference import ReferenceDetector
 
@@ -27,7 +38,7 @@ def load_detector(name: str, **options: Any) -> Detector:
         from mtrl.detectors.gold import GoldDetector
 
         return GoldDetector(**options)
-    raise ValueError(f"unknown detector {name!r}; allowed: {', '.join(DETECTORS)}")
+    raise MtrlError(f"unknown detector {name!r}; allowed: {', '.join(DETECTORS)}")
 
 
 __all__ = ["DETECTORS", "Detection", "Detector", "load_detector"]
