@@ -165,8 +165,10 @@ class Policy(nn.Module):
         logp_all = F.log_softmax(logits, dim=-1)
         logprobs = torch.gather(logp_all, 2, responses.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float() \
-            if with_values else None
+        values = None
+        if with_values:  # by default the value loss trains the head only, not the policy's trunk
+            hidden = hidden if self.cfg.value_trunk == "shared" else hidden.detach()
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return PolicyOutput(logprobs, entropy, values)
 
 

@@ -45,6 +45,9 @@ class PolicyConfig:
     lora: LoraConfig | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    # PPO value head: a linear head on the final hidden state. "detached": the value loss trains the head only
+    # (a large, noisy value loss cannot swamp the policy gradient through the shared trunk); "shared": also the trunk.
+    value_trunk: Literal["detached", "shared"] = "detached"
 
 
 @dataclass
