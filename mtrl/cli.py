@@ -268,6 +268,41 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
+# --------------------------------------------------------------------------- bench, stability
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtrl.bench import run_bench
+
+    run_bench(args.bench, quiet=args.quiet)
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from mtrl.stability import plot_kl_entropy, plot_reward_curves, stability_report
+
+    for run in args.runs:
+        print(json.dumps({"run": run, **stability_report(run)}, indent=2))
+    if args.plot:
+        from pathlib import Path
+
+        runs = {Path(r).name: [r] for r in args.runs}
+        print(plot_reward_curves(runs, Path(args.plot) / "reward_curves.png"), file=sys.stderr)
+        print(plot_kl_entropy(runs, Path(args.plot) / "kl_entropy.png"), file=sys.stderr)
+    return 0
+
+
+def add_bench_parsers(sub: Any) -> None:
+    p = sub.add_parser("bench", help="run reward schemes x seeds from a benchmark file and write a report",
+                       description="Run every (scheme, seed) cell of a benchmark file (finished cells are "
+                                   "skipped), then write tables, plots and the recipes used.")
+    p.add_argument("bench", help="benchmark YAML (see eval/bench-quickstart.yaml)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    s = sub.add_parser("stability", help="training-stability indicators of runs (JSON), optional plots")
+    s.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    s.add_argument("--plot", help="directory for reward_curves.png and kl_entropy.png")
+    s.set_defaults(func=cmd_stability)
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtrl", description="Fine-grained RL for machine translation.")
@@ -275,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(sub)
     add_train_parser(sub)
     add_label_parser(sub)
+    add_bench_parsers(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

@@ -72,7 +72,7 @@ class DataConfig:
 
 @dataclass
 class DetectorConfig:
-    name: Literal["reference", "xcomet", "gold"] = "reference"
+    name: Literal["reference", "xcomet", "gold", "bleu", "chrf"] = "reference"  # bleu/chrf: score only
     model: str | None = None  # xcomet: hub id or local checkpoint
     batch_size: int = 16
     use_reference: bool = False  # xcomet: QE (source + hypothesis) like Ramos et al., or with the reference

@@ -1,4 +1,4 @@
-"""Error-span detectors: ``reference`` (embedded default), ``xcomet``, ``gold``.
+"""Error-span detectors: ``reference`` (embedded default), ``xcomet``, ``gold``; ``bleu``/``chrf`` (score only).
 
 Modules are imported lazily so that the embedded default never pays for
 ``unbabel-comet``'s import time.
@@ -12,7 +12,7 @@ from typing import Any
 from mtrl.detectors.base import Detection, Detector
 from mtrl.errors import MtrlError
 
-DETECTORS = ("reference", "xcomet", "gold")
+DETECTORS = ("reference", "xcomet", "gold", "bleu", "chrf")
 
 
 def load_detector(name: str, **options: Any) -> Detector:
@@ -38,6 +38,10 @@ def _build(name: str, options: dict[str, Any]) -> Detector:
         from mtrl.detectors.gold import GoldDetector
 
         return GoldDetector(**options)
+    if name in ("bleu", "chrf"):
+        from mtrl.detectors.metric import MetricDetector
+
+        return MetricDetector(name, **options)
     raise MtrlError(f"unknown detector {name!r}; allowed: {', '.join(DETECTORS)}")
 
 
