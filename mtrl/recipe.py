@@ -95,7 +95,8 @@ class RewardSection:
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["ppo", "reinforce", "rloo", "qsft"] = "ppo"  # qsft: offline, see the `offline` section
+    # qsft: offline, see the `offline` section; grpo: TRL's GRPOTrainer, sequence-level (causal policies)
+    name: Literal["ppo", "reinforce", "rloo", "qsft", "grpo"] = "ppo"
     lr: float = 1e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
@@ -250,7 +251,8 @@ def _check_semantics(r: Recipe) -> None:
     checks = [
         (a.batch_size >= 1, "algorithm.batch_size must be >= 1"),
         (a.minibatch_size >= 1, "algorithm.minibatch_size must be >= 1"),
-        (a.name != "rloo" or a.samples_per_prompt >= 2, "algorithm.samples_per_prompt must be >= 2 for rloo"),
+        (a.name not in ("rloo", "grpo") or a.samples_per_prompt >= 2,
+         f"algorithm.samples_per_prompt must be >= 2 for {a.name}"),
         (0 <= a.lam <= 1 and 0 <= a.gamma <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]"),
         (a.lr > 0, "algorithm.lr must be > 0"),
         (r.train.steps >= 1, "train.steps must be >= 1"),

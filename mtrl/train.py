@@ -295,6 +295,15 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str
         results["wall_time_s"] = time.perf_counter() - t_start
         write_json(run_dir / "eval.json", results)
         return results
+    if a.name == "grpo":  # sequence-level baseline through TRL (causal policies)
+        from mtrl.algorithms.grpo import train_grpo
+
+        results = {}
+        if eval_pairs:
+            log(f"mtrl: evaluating the initial policy on {len(eval_pairs)} segments ...")
+            results["before"] = evaluate_policy(policy, eval_pairs, recipe.generation, rewarder)
+        train_grpo(recipe, policy, train_pairs, rewarder, run_dir)
+        return _finish(policy, run_dir, eval_pairs, recipe, rewarder, results, t_start, log)
     reference = ReferencePolicy(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
@@ -383,7 +392,13 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str
         log(f"mtrl: stopped at step {step}; checkpoint saved. Continue with: mtrl train {run_dir}/recipe.yaml --resume")
         raise KeyboardInterrupt
 
-    # 6. the final model and the evaluation after RL
+    return _finish(policy, run_dir, eval_pairs, recipe, rewarder, results, t_start, log)
+
+
+def _finish(policy: Any, run_dir: Path, eval_pairs: Any, recipe: Recipe, rewarder: Any, results: dict[str, Any],
+            t_start: float, log: Any) -> dict[str, Any]:
+    """Save the final model and evaluate it after RL."""
+    results_path = run_dir / "eval.json"
     final = run_dir / "final"
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

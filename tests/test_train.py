@@ -169,3 +169,21 @@ def test_qsft_recipe_rejects_unknown_options(tiny_seq2seq, small_data, tmp_path)
     recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path, algorithm={"name": "qsft"}, offline={"qsft": {"tua": 1}})
     with pytest.raises(MtrlError, match="unknown key 'offline.qsft.tua'; did you mean 'tau'"):
         recipe_from_dict(recipe)
+
+
+def test_grpo_baseline_on_a_causal_policy(tiny_causal, small_data, tmp_path):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tiny_causal, small_data, run, algorithm={"name": "grpo", "samples_per_prompt": 2,
+                                                                  "batch_size": 2})
+    results = train(recipe_from_dict(recipe), quiet=True)
+    assert {"before", "after"} <= set(results)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and all("reward_mean" in r for r in rows)
+
+
+def test_grpo_refuses_seq2seq(tiny_seq2seq, small_data, tmp_path):
+    from mtrl.errors import MtrlError
+
+    recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path / "r", algorithm={"name": "grpo", "samples_per_prompt": 2})
+    with pytest.raises(MtrlError, match="needs a causal"):
+        train(recipe_from_dict(recipe), quiet=True)
