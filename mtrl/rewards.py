@@ -208,7 +208,8 @@ def token_rewards(
 ) -> list[float]:
     """Per-token rewards of one hypothesis under ``config.mode``.
 
-    ``sentence`` puts ``detection.score`` on the final token (``last_index``, default
+    ``token`` maps the spans and adds the detection's ``omission_penalty`` (content left out, which
+    has no span) to the final token; ``sentence`` puts ``detection.score`` on the final token (``last_index``, default
     the last position of ``offsets``, which may be EOS; pass the last real token for
     right-padded rows) and 0.0 elsewhere; ``hybrid`` adds ``hybrid_weight`` × that to
     the ``token`` rewards.
@@ -227,6 +228,8 @@ def token_rewards(
         out[last] = float(detection.score)
         return out
     out = spans_to_token_rewards(text, offsets, detection.spans, config.smap, config.token_rewards)
+    if mode == "token":  # an omission has no span: it belongs to the decision to stop
+        out[last] += detection.omission_penalty
     if mode == "hybrid":
         out[last] += config.hybrid_weight * float(detection.score)
     return out

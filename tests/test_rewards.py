@@ -186,7 +186,7 @@ def test_bad_token_reward_mode() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"mode": "r3hf"}, "mode"), ({"token_rewards": "mean"}, "token_rewards"), ({"severity_map": "mqm"}, "severity_map"),
+    [({"mode": "r4hf"}, "mode"), ({"token_rewards": "mean"}, "token_rewards"), ({"severity_map": "mqm"}, "severity_map"),
      ({"severity_map": {"minor": -1}}, "severity_map"), ({"no_error": "x"}, "no_error"),
      ({"hybrid_weight": float("nan")}, "hybrid_weight")],
 )
@@ -200,7 +200,7 @@ def test_config_validation_names_the_key(kwargs, key) -> None:
 def test_config_resolves_the_map_and_no_error() -> None:
     cfg = RewardConfig.from_dict({"severity_map": {"minor": -2, "major": -4, "critical": -8}, "no_error": 0.1})
     assert cfg.smap.values["major"] == -4 and cfg.smap.no_error == 0.1
-    assert RewardConfig().smap == XCOMET and REWARD_MODES == ("token", "sentence", "hybrid")
+    assert RewardConfig().smap == XCOMET and REWARD_MODES == ("token", "sentence", "hybrid", "r3hf")
 
 
 def test_reward_modes() -> None:
@@ -252,3 +252,16 @@ def test_mqm_spread_equals_minus_penalty(family: str) -> None:
         assert math.isclose(sum(r), weights, abs_tol=1e-9), row["id"]
         assert math.isclose(sum(r), -row["mqm_penalty"], abs_tol=1e-9), row["id"]
     assert ws_only == 0  # none in this slice; they would be kept (see _prepare), not dropped
+
+
+def test_omission_penalty_goes_on_the_final_token_in_token_mode():
+    from mtrl.detectors.base import Detection
+    from mtrl.rewards import RewardConfig, token_rewards
+    from mtrl.spans import ErrorSpan
+
+    text, offsets = "ab cd", [(0, 2), (2, 5), (5, 5)]
+    det = Detection([ErrorSpan(0, 2, "major")], score=-15.0, omission_penalty=-10.0)
+    assert token_rewards(det, text, offsets, RewardConfig(mode="token")) == [-5.0, 0.0, -10.0]
+    # hybrid and sentence already carry it inside the score
+    assert token_rewards(det, text, offsets, RewardConfig(mode="sentence")) == [0.0, 0.0, -15.0]
+    assert token_rewards(det, text, offsets, RewardConfig(mode="hybrid")) == [-5.0, 0.0, -15.0]

@@ -16,6 +16,9 @@ class Detection:
     spans: list[ErrorSpan]
     score: float
     truncated: bool = False  # the input was cut (e.g. xCOMET's 512-subword limit)
+    # Penalty (<= 0) for content the hypothesis leaves out: it has no span, so token-level reward modes put it
+    # on the final token (the decision to stop); it is already part of ``score``.
+    omission_penalty: float = 0.0
     extra: dict = field(default_factory=dict)
 
 

@@ -276,8 +276,9 @@ class ReferenceDetector(Detector):
             spans = self._merge(hyp, sev)
         spans = sanitize_spans(hypothesis, spans)
         score = sum(values[s] for s, k in zip(sev, hyp.kinds, strict=True) if s is not None and k != "p")
-        score -= self.omission_weight * omitted
-        return Detection(spans, float(score), extra={"omissions": omitted})
+        omission = -self.omission_weight * omitted
+        return Detection(spans, float(score + omission), omission_penalty=float(omission),
+                         extra={"omissions": omitted})
 
     def token_severities(self, source: str, hyp: _Tokens, ref: _Tokens) -> tuple[list[str | None], int]:
         """Severity of each hypothesis token (None: supported; all 'critical' for a critical one), and
