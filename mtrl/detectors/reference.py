@@ -210,6 +210,7 @@ class ReferenceDetector(Detector):
         copy_ratio: float = 0.5,
         severity_map: str | Mapping[str, Any] | SeverityMap = "wmt-mqm",
         omission_weight: float = 0.0,
+        mark_punctuation: bool = True,
     ) -> None:
         """Tuning knobs; the defaults are reasoned choices, not fitted to data.
 
@@ -222,6 +223,9 @@ class ReferenceDetector(Detector):
             source is an untranslated copy (critical).
         severity_map: weights of the score, a name from ``mtrl.spans.SEVERITY_MAPS`` or a
             mapping ``{minor, major, critical}``; default WMT MQM (1, 5, 25 per word).
+        mark_punctuation: punctuation the reference does not have (one-to-one, exact) is a
+            minor error. Without it a policy learns to pad with free punctuation ("------");
+            False reproduces the precision-only rule measured on MQM (punctuation never marked).
         omission_weight: penalty per reference content word that no hypothesis word
             matches (exactly or fuzzily), subtracted from the sentence score (no span: an
             omission has no place in the hypothesis). 0 by default: on the MQM dev slice
@@ -239,6 +243,7 @@ class ReferenceDetector(Detector):
         self.copy_ratio = copy_ratio
         self.severity_map = get_severity_map(severity_map)
         self.omission_weight = float(omission_weight)
+        self.mark_punctuation = mark_punctuation
 
     def detect(
         self,
@@ -275,7 +280,8 @@ class ReferenceDetector(Detector):
         else:
             spans = self._merge(hyp, sev)
         spans = sanitize_spans(hypothesis, spans)
-        score = sum(values[s] for s, k in zip(sev, hyp.kinds, strict=True) if s is not None and k != "p")
+        score = sum(values[s] for s, k in zip(sev, hyp.kinds, strict=True)
+                    if s is not None and (k != "p" or s != "critical"))
         omission = -self.omission_weight * omitted
         return Detection(spans, float(score + omission), omission_penalty=float(omission),
                          extra={"omissions": omitted})
@@ -296,7 +302,10 @@ class ReferenceDetector(Detector):
             c = avail.get(f, 0)
             if c:
                 avail[f] = c - 1
-            elif hyp.kinds[i] != "p":
+            elif hyp.kinds[i] == "p":
+                if self.mark_punctuation:
+                    sev[i] = "minor"
+            else:
                 unmatched.append(i)
                 if f in counts:
                     repeated.add(f)
