@@ -268,6 +268,86 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
+# --------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mtrl.evaluate import EVAL_METRICS, evaluate_systems, format_markdown
+    from mtrl.io import atomic_open, read_lines
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
+    if unknown:
+        raise MtrlError(f"--metrics: unknown {', '.join(unknown)}; allowed: {', '.join(EVAL_METRICS)}")
+    if args.model:
+        if args.hyp:
+            raise MtrlError("give either --model (translate, then score) or --hyp files, not both")
+        if not args.data:
+            raise MtrlError("--model needs --data (a JSONL/TSV file or multi30k:SPLIT with sources and references)")
+        from mtrl.policy import build_policy
+        from mtrl.recipe import DataConfig, GenerationConfig, PolicyConfig
+        from mtrl.train import load_pairs, translate_all
+
+        pairs = load_pairs(args.data, DataConfig())
+        sources, refs = [p[0] for p in pairs], [[p[1] for p in pairs]]
+        policy = build_policy(PolicyConfig(model=args.model), args.model, args.src_lang, args.tgt_lang)
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, eval_num_beams=args.beams,
+                               eval_batch_size=args.batch_size)
+        systems = {Path(args.model).name or args.model: translate_all(policy, sources, gen)}
+    else:
+        if not args.hyp or not args.ref:
+            raise MtrlError("give --hyp FILE (one or more) and --ref FILE, or --model with --data")
+        refs = [read_lines(r) for r in args.ref]
+        for r, lines in zip(args.ref[1:], refs[1:]):
+            if len(lines) != len(refs[0]):
+                raise MtrlError(f"{r} has {len(lines)} lines but {args.ref[0]} has {len(refs[0])}")
+        systems = {}
+        for h in args.hyp:
+            lines = read_lines(h)
+            if len(lines) != len(refs[0]):
+                raise MtrlError(f"{h} has {len(lines)} lines but {args.ref[0]} has {len(refs[0])}")
+            name = Path(h).name
+            systems[name if name not in systems else h] = lines
+        sources = read_lines(args.src) if args.src else None
+        if sources is not None and len(sources) != len(refs[0]):
+            raise MtrlError(f"{args.src} has {len(sources)} lines but {args.ref[0]} has {len(refs[0])}")
+    if not refs[0]:
+        raise MtrlError("no segments to evaluate")
+    results = evaluate_systems(systems, refs, sources, metrics, comet_model=args.comet_model,
+                               bootstrap=args.bootstrap)
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n" if args.format == "json" \
+        else format_markdown(results)
+    if args.output:
+        with atomic_open(args.output) as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_eval_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="BLEU/chrF/chrF++/TER (sacrebleu), COMET, detector score; paired bootstrap",
+                       description="Score hypothesis files against references (the first --hyp is the baseline "
+                                   "of the paired bootstrap test), or translate --data with --model first.")
+    p.add_argument("--hyp", action="append", help="hypothesis file (repeat for several systems)")
+    p.add_argument("--ref", action="append", help="reference file (repeat for several references)")
+    p.add_argument("--src", help="source file (COMET, detector)")
+    p.add_argument("--model", help="translate --data with this model first (hub id or local path)")
+    p.add_argument("--data", help="with --model: sources and references (JSONL/TSV file or multi30k:SPLIT)")
+    p.add_argument("--src-lang", default="English")
+    p.add_argument("--tgt-lang", default="German")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--metrics", default="bleu,chrf,chrf++,ter",
+                   help="comma-separated: bleu, chrf, chrf++, ter, comet, detector (default bleu,chrf,chrf++,ter)")
+    p.add_argument("--comet-model", help="COMET hub id or local checkpoint (e.g. Unbabel/wmt22-comet-da)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no test)")
+    p.add_argument("--format", choices=("json", "markdown"), default="json")
+    p.add_argument("--output", help="output file (written atomically); stdout when absent")
+    p.set_defaults(func=cmd_eval)
+
+
 # --------------------------------------------------------------------------- bench, stability
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtrl.bench import run_bench
@@ -311,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_label_parser(sub)
     add_bench_parsers(sub)
+    add_eval_parser(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mtrl.errors import MtrlError
 
@@ -74,12 +73,7 @@ def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict
         raise MtrlError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         raise MtrlError("no hypotheses to score")
-    hyps, refs = list(hypotheses), [list(references)]
-    results = {}
-    for name, metric in (("bleu", BLEU()), ("chrf", CHRF()), ("ter", TER())):
-        score = metric.corpus_score(hyps, refs)
-        results[name] = {"score": float(score.score), "signature": str(metric.get_signature())}
-    return results
+    return evaluate_systems({"system": list(hypotheses)}, [list(references)], bootstrap=0)["system"]
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]], signatures: bool = True) -> str:
@@ -113,3 +107,116 @@ def format_table(results: Mapping[str, Mapping[str, Any]], signatures: bool = Tr
     if signatures:
         lines += [f"{m}: {s}" for m, s in sigs.items()]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- mtrl eval: systems x metrics
+EVAL_METRICS = ("bleu", "chrf", "chrf++", "ter", "comet", "detector")
+SACREBLEU_NAMES = {"bleu": "BLEU", "chrf": "chrF2", "chrf++": "chrF2++", "ter": "TER"}
+
+
+def sacrebleu_metric(name: str) -> Any:
+    """The sacrebleu metric object with the CLI's defaults (so scores and signatures match ``sacrebleu``)."""
+    from sacrebleu.metrics import BLEU, CHRF, TER
+
+    return {"bleu": BLEU, "chrf": CHRF, "chrf++": lambda: CHRF(word_order=2), "ter": TER}[name]()
+
+
+def comet_scores(model: str | None, sources: Sequence[str] | None, hyps: Sequence[str],
+                 refs: Sequence[str] | None, batch_size: int = 16) -> dict[str, Any]:
+    """System-level COMET (mean of segment scores), or ``{"skipped": reason}`` when the model cannot be had."""
+    if not model:
+        return {"skipped": "no COMET model given (--comet-model: a hub id or a local checkpoint)"}
+    if sources is None:
+        return {"skipped": "COMET needs the sources (--src)"}
+    try:
+        from mtrl.redistribution import CometScorer
+
+        scorer = CometScorer(model, batch_size)
+        scores = scorer.score(sources, hyps, refs)
+    except MtrlError as e:
+        return {"skipped": str(e)}
+    return {"score": float(sum(scores) / len(scores)), "model": model}
+
+
+def detector_summary(detector: Any, sources: Sequence[str] | None, hyps: Sequence[str],
+                     refs: Sequence[str] | None) -> dict[str, Any]:
+    """Mean detector score and error spans per segment by severity."""
+    from mtrl.spans import SEVERITIES
+
+    if detector.needs_reference and refs is None:
+        return {"skipped": f"the {detector.name} detector needs references"}
+    dets = detector.detect(list(sources or [""] * len(hyps)), list(hyps), None if refs is None else list(refs))
+    out: dict[str, Any] = {"score": sum(d.score for d in dets) / len(dets), "detector": detector.name}
+    for sev in SEVERITIES:
+        out[f"{sev}_per_segment"] = sum(sum(s.severity == sev for s in d.spans) for d in dets) / len(dets)
+    return out
+
+
+def evaluate_systems(systems: Mapping[str, Sequence[str]], references: Sequence[Sequence[str]],
+                     sources: Sequence[str] | None = None, metrics: Sequence[str] = ("bleu", "chrf", "ter"),
+                     comet_model: str | None = None, detector: Any = None, bootstrap: int = 1000) -> dict[str, Any]:
+    """Each system's scores: ``{system: {metric: {"score", "signature", ...}}}``.
+
+    ``references`` is a list of reference streams (one list per reference set). With two or more
+    systems and ``bootstrap`` > 0, the sacrebleu metrics of every system after the first also carry
+    the paired bootstrap resampling p-value against the first (the baseline), as ``sacrebleu
+    --paired-bs`` computes it (1000 resamples, seed 12345).
+    """
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
+    if unknown:
+        raise MtrlError(f"unknown metric(s) {', '.join(unknown)}; allowed: {', '.join(EVAL_METRICS)}")
+    n = len(references[0])
+    for name, hyps in systems.items():
+        if len(hyps) != n:
+            raise MtrlError(f"system {name!r} has {len(hyps)} segments but the references have {n}")
+    results: dict[str, Any] = {name: {} for name in systems}
+    lexical = [m for m in metrics if m in SACREBLEU_NAMES]
+    for name, hyps in systems.items():
+        for m in lexical:
+            metric = sacrebleu_metric(m)
+            score = metric.corpus_score(list(hyps), [list(r) for r in references])
+            results[name][m] = {"score": float(score.score), "signature": str(metric.get_signature())}
+        if "comet" in metrics:
+            results[name]["comet"] = comet_scores(comet_model, sources, hyps, references[0])
+        if "detector" in metrics:
+            from mtrl.detectors import load_detector
+
+            detector = detector or load_detector("reference")
+            results[name]["detector"] = detector_summary(detector, sources, hyps, references[0])
+    if len(systems) > 1 and bootstrap > 0 and lexical:
+        from sacrebleu.significance import PairedTest
+
+        test = PairedTest(list(systems.items()), {m: sacrebleu_metric(m) for m in lexical},
+                          [list(r) for r in references], test_type="bs", n_samples=bootstrap)
+        _, res = test()
+        baseline = next(iter(systems))
+        for m, key in zip(lexical, [k for k in res if k != "System"]):
+            for name, r in zip(res["System"], res[key]):
+                if name != baseline:
+                    results[name][m].update(p_value=r.p_value, baseline=baseline)
+    return results
+
+
+def format_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One Markdown table: systems x metrics (p-values against the baseline in brackets), signatures below."""
+    metrics: list[str] = []
+    for row in results.values():
+        metrics += [m for m in row if m not in metrics]
+    lines = ["| system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    notes: dict[str, str] = {}
+    for name, row in results.items():
+        cells = []
+        for m in metrics:
+            v = row.get(m, {})
+            if "skipped" in v:
+                cells.append("skipped")
+                notes[m] = f"{m}: skipped ({v['skipped']})"
+            else:
+                cell = f"{v['score']:.2f}"
+                if v.get("p_value") is not None:
+                    cell += f" (p={v['p_value']:.4f})"
+                cells.append(cell)
+                if "signature" in v:
+                    notes[m] = f"{m}: {v['signature']}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes.values()) + "\n"
