@@ -103,7 +103,7 @@ def run_bench(path: str | Path, quiet: bool = False) -> Path:
         print("mtrl bench: warm start (shared by every cell) ...", file=sys.stderr)
         model = warm_start(base.warm_start.options, bench.output)
         shared = [f"policy.model={model}", "warm_start.enabled=false"]
-    cells = [(s, seed) for s in bench.schemes for seed in bench.seeds]
+    cells = [(s, seed) for seed in bench.seeds for s in bench.schemes]  # every scheme once before any repeats
     for i, (scheme, seed) in enumerate(cells, 1):
         run_dir = cell_dir(bench, scheme, seed)
         if is_done(run_dir):
