@@ -186,7 +186,6 @@ def add_score_parser(sub: Any) -> None:
 
 # --------------------------------------------------------------------------- label
 def cmd_label(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from mtrl.label import label, print_summary, read_mt_outputs, sample_rows
     from mtrl.rewards import RewardConfig
@@ -194,9 +193,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     if bool(args.input) == bool(args.policy):
         raise MtrlError("give either --input (existing MT outputs) or --policy with --samples and --data")
     if args.policy:
-        from mtrl.train import load_pairs
-
         from mtrl.recipe import DataConfig
+        from mtrl.train import load_pairs
 
         pairs = load_pairs(args.data, DataConfig(), args.max_sources)
         rows = sample_rows(args.policy, pairs, args.samples, args.temperature, args.max_new_tokens,
@@ -270,7 +268,6 @@ def add_train_parser(sub: Any) -> None:
 
 # --------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from mtrl.evaluate import EVAL_METRICS, evaluate_systems, format_markdown
     from mtrl.io import atomic_open, read_lines

@@ -9,8 +9,9 @@ with log pi_beta + beta * log p_theta (:func:`mtrl.algorithms.qsft.qsft_translat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

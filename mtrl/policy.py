@@ -15,8 +15,9 @@ One interface for both kinds, so the algorithms never branch on model type:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -10,8 +10,8 @@ model's log-probs for the KL penalty.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

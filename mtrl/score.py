@@ -8,8 +8,9 @@ tokenizer) per-token rewards through :mod:`mtrl.rewards`.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 

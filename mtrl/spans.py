@@ -7,8 +7,9 @@ reward values; token rewards are built from them in :mod:`mtrl.rewards`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from mtrl.errors import MtrlError
 
@@ -34,7 +35,7 @@ class ErrorSpan:
             )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ErrorSpan":
+    def from_dict(cls, d: Mapping[str, Any]) -> ErrorSpan:
         """Build from a JSON-like dict (COMET / MQM field names); severities are case-insensitive."""
         try:
             start, end = int(d["start"]), int(d["end"])

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from mtrl.algorithms.ppo import (AdaptiveKLController, gae, kl_penalty, masked_whiten, policy_loss,
-                                 value_loss)
-from mtrl.algorithms.reinforce import leave_one_out_baseline, returns_to_go
+from mtrl.algorithms.ppo import AdaptiveKLController, gae, kl_penalty, masked_whiten, policy_loss, value_loss
 from mtrl.algorithms.reinforce import advantages as pg_advantages
+from mtrl.algorithms.reinforce import leave_one_out_baseline, returns_to_go
 from mtrl.recipe import AlgorithmConfig
 
 

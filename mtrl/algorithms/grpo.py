@@ -11,8 +11,9 @@ per step, lr, kl_coef -> beta, generation temperature/top_p/max_new_tokens, trai
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mtrl.detectors.base import Detection, Detector
 from mtrl.errors import MtrlError
