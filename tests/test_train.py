@@ -116,7 +116,8 @@ def test_shipped_recipe_validates(path):
     assert recipe.train.steps >= 1
 
 
-@pytest.mark.parametrize("path", [p for p in recipe_files() if p.name != "quickstart.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in recipe_files() if not p.name.startswith("quickstart")],
+                         ids=lambda p: p.name)
 def test_shipped_recipe_runs_one_step_on_stand_ins(path, tiny_seq2seq, tiny_nllb, tiny_causal, tiny_xcomet_ckpt,
                                                    small_data, tmp_path):
     """Every real-model recipe, with hub names swapped for tiny local models, runs one step."""
