@@ -318,6 +318,9 @@ def make_trainer(model: Any, tokenizer: Any, kind: str, features: list[dict], cf
         args, cls = Seq2SeqTrainingArguments(**common), seq2seq_cls
     trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(features),
                   data_collator=QSFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the log dicts go to qsft_log.jsonl / metrics.jsonl, not stdout
     trainer._setup_qsft(kind, cfg, target_model, behaviour_model)
     if target_model is not None:
         trainer.add_callback(PolyakCallback(target_model, model, cfg.tau))
