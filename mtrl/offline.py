@@ -13,12 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mtrl.errors import MtrlError
 from mtrl.io import read_jsonl, write_json
 from mtrl.recipe import Recipe
-from mtrl.spans import SEVERITIES
 
 
 def offline_rows(recipe: Recipe, model_path: str, train_pairs: Sequence[tuple[str, str]], rewarder: Any,
@@ -84,8 +81,8 @@ def evaluate_qsft(q_dir: Path, behaviour_dir: Path, cfg: Any, pairs, recipe: Rec
     from transformers import AutoTokenizer
 
     from mtrl.algorithms.qsft import qsft_translate
-    from mtrl.evaluate import corpus_metrics
     from mtrl.policy import load_model_and_tokenizer
+    from mtrl.train import score_translations
 
     q_model, tok, _ = load_model_and_tokenizer(str(q_dir))
     behaviour, _, _ = load_model_and_tokenizer(str(behaviour_dir))
@@ -101,10 +98,4 @@ def evaluate_qsft(q_dir: Path, behaviour_dir: Path, cfg: Any, pairs, recipe: Rec
                              policy_config=recipe.policy, src_lang=recipe.data.src_lang, tgt_lang=recipe.data.tgt_lang)
         for j, t in zip(idx, out):
             hyps[j] = t.strip()
-    result: dict[str, Any] = corpus_metrics(hyps, refs)
-    dets = rewarder.detect(sources, hyps, refs)
-    result["detector_score"] = float(np.mean([d.score for d in dets]))
-    for sev in SEVERITIES:
-        result[f"spans_{sev}_per_segment"] = float(np.mean([sum(s.severity == sev for s in d.spans) for d in dets]))
-    result["examples"] = [{"src": s, "hyp": h, "ref": r} for s, h, r in list(zip(sources, hyps, refs))[:3]]
-    return result
+    return score_translations(sources, hyps, refs, rewarder)

@@ -103,11 +103,15 @@ def translate_all(policy: Any, sources: Sequence[str], gen: Any) -> list[str]:
 
 
 def evaluate_policy(policy: Any, pairs: Sequence[Pair], gen: Any, rewarder: Any) -> dict[str, Any]:
+    """Greedy translations of the eval set, scored by :func:`score_translations`."""
+    sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
+    return score_translations(sources, translate_all(policy, sources, gen), refs, rewarder)
+
+
+def score_translations(sources: Sequence[str], hyps: Sequence[str], refs: Sequence[str], rewarder: Any) -> dict[str, Any]:
     """BLEU/chrF/TER (sacrebleu, with signatures) and the detector's mean score and span counts."""
     from mtrl.evaluate import corpus_metrics
 
-    sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
-    hyps = translate_all(policy, sources, gen)
     result: dict[str, Any] = corpus_metrics(hyps, refs)
     dets = rewarder.detect(sources, hyps, refs)
     result["detector_score"] = float(np.mean([d.score for d in dets]))
