@@ -13,7 +13,8 @@ Prints ``name: value`` lines:
 * ``ppo_step_vs_trl_grpo_step``: seconds of one PPO step (rollout + one optimiser
   step) over one TRL ``GRPOTrainer`` step, same tiny causal model, same number of
   completions (8), same completion length (24 new tokens, forced), same reward
-  (the ``reference`` detector's sentence score). Target <= 1.0.
+  (the ``reference`` detector's sentence score), the same KL coefficient (0.05: both run a reference
+  model). Target <= 1.0.
 
 Usage: python eval/bench_ppo.py [--repeats 5] [--threads 2]
 """
@@ -134,7 +135,7 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
         cfg = GRPOConfig(output_dir=out, bf16=False, use_cpu=True, gradient_checkpointing=False,
                          per_device_train_batch_size=n, num_generations=4, max_completion_length=new_tokens,
                          max_steps=repeats + 1, report_to="none", save_strategy="no", logging_steps=1,
-                         learning_rate=1e-5, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
+                         learning_rate=1e-5, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
                          generation_kwargs={"min_new_tokens": new_tokens}, disable_tqdm=True)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=reward_fn, args=cfg, train_dataset=ds,
                               processing_class=policy.tokenizer)
