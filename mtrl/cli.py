@@ -249,7 +249,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.run_dir:
         recipe.run_dir = args.run_dir
-    results = train(recipe, resume=args.resume, quiet=args.quiet)
+    if args.resume and args.overwrite:
+        raise MtrlError("--resume and --overwrite exclude each other")
+    results = train(recipe, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     print_summary(results, recipe.run_dir)
     return 0
 
@@ -261,6 +263,8 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of recipe entries")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a finished or stopped run again in its run directory (keeps a cached warm start)")
     p.add_argument("--run-dir", help="override the recipe's run_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_train)

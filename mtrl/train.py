@@ -233,7 +233,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe end to end; returns ``{"before": ..., "after": ...}`` when there is an eval set."""
     from accelerate import Accelerator
     from transformers import get_scheduler
@@ -252,8 +252,14 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False) -> dict[str
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         print(f"mtrl: no checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
+    if overwrite and not resume:  # start the RL part afresh; a cached warm start is kept
+        for name in ("checkpoints", "final", "tensorboard", "offline"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "eval.json"):
+            (run_dir / name).unlink(missing_ok=True)
     if not resume and latest_checkpoint(run_dir) is not None:
-        raise MtrlError(f"{run_dir} already holds a run; use --resume to continue it, or another run_dir")
+        raise MtrlError(f"{run_dir} already holds a run; use --resume to continue it, --overwrite to start "
+                        "it again (a cached warm start is kept), or another run_dir")
     with atomic_open(run_dir / "recipe.yaml") as f:
         f.write(dump_recipe(recipe))
     seed_everything(recipe.seed)

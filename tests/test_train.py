@@ -92,8 +92,11 @@ def test_refuses_to_overwrite_a_run(tiny_seq2seq, small_data, tmp_path):
     run = tmp_path / "run"
     recipe = tiny_recipe(tiny_seq2seq, small_data, run, train={"steps": 1, "report_to": []})
     train(recipe_from_dict(recipe), quiet=True)
-    with pytest.raises(MtrlError, match="--resume"):
+    with pytest.raises(MtrlError, match="--resume to continue it, --overwrite"):
         train(recipe_from_dict(recipe), quiet=True)
+    (run / "keep.txt").write_text("x")  # --overwrite clears the run's outputs only
+    train(recipe_from_dict(recipe), quiet=True, overwrite=True)
+    assert (run / "keep.txt").exists() and len(read_metrics(run)) == 1
 
 
 def test_lora_reference_is_the_disabled_adapter(tiny_causal, small_data, tmp_path):
