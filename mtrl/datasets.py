@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from mtrl.errors import MtrlError
+from mtrl.io import numbered_jsonl
 
 Pair = tuple[str, str]
 PathLike = str | Path
@@ -92,21 +92,8 @@ def read_text_pair(src_path: PathLike, ref_path: PathLike) -> list[Pair]:
 
 def read_jsonl(path: PathLike, src_field: str | None = None, ref_field: str | None = None) -> list[Pair]:
     """One JSON object a line; blank lines are skipped."""
-    pairs = []
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MtrlError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise MtrlError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            src = _field(obj, _names(src_field, SOURCE_FIELDS), path, lineno)
-            ref = _field(obj, _names(ref_field, REFERENCE_FIELDS), path, lineno)
-            pairs.append((src, ref))
-    return pairs
+    src_names, ref_names = _names(src_field, SOURCE_FIELDS), _names(ref_field, REFERENCE_FIELDS)
+    return [(_field(obj, src_names, path, i), _field(obj, ref_names, path, i)) for i, obj in numbered_jsonl(path)]
 
 
 def read_tsv(path: PathLike, src_col: str | None = None, ref_col: str | None = None) -> list[Pair]:

@@ -7,6 +7,7 @@ so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from mtrl.errors import MtrlError
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """Lines of a UTF-8 text file, without their line ends (one segment per line)."""
+    """Lines of a UTF-8 text file (``.gz`` too), without their line ends (one segment per line)."""
     data = _read_bytes(path)
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
@@ -34,6 +35,11 @@ def read_lines(path: str | Path) -> list[str]:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Objects of a JSON-lines file; blank lines are skipped."""
+    return [obj for _, obj in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSON-lines file, so callers can name the line of a later problem."""
     rows = []
     for i, line in enumerate(read_lines(path), 1):
         if not line.strip():
@@ -44,7 +50,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             raise MtrlError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise MtrlError(f"{path}: line {i} is not a JSON object")
-        rows.append(obj)
+        rows.append((i, obj))
     return rows
 
 
@@ -54,7 +60,8 @@ def _read_bytes(path: str | Path) -> bytes:
         raise MtrlError(f"{path}: no such file")
     if p.is_dir():
         raise MtrlError(f"{path}: is a directory, expected a file")
-    return p.read_bytes()
+    data = p.read_bytes()
+    return gzip.decompress(data) if p.suffix == ".gz" else data
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from mtrl.errors import MtrlError
-from mtrl.io import read_lines
+from mtrl.io import numbered_jsonl
 
 # --------------------------------------------------------------------------- thresholds
 EDGE_ROWS = 10  # rows averaged for "initial" / "final" values (at most a fifth of the run)
@@ -101,15 +101,7 @@ def _parse(run_dir: str | Path) -> tuple[Path, list[dict[str, Any]], list[dict[s
     """Step lines and eval lines of ``metrics.jsonl``, validated; errors name the file and line."""
     path = _metrics_path(run_dir)
     steps, evals = [], []
-    for i, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MtrlError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise MtrlError(f"{path}: line {i} is not a JSON object")
+    for i, obj in numbered_jsonl(path):
         step = obj.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool)):
             raise MtrlError(f"{path}: line {i} has no integer 'step' (got {step!r})")

@@ -69,7 +69,7 @@ def test_text_file_pair_roundtrip_plain_and_gz(tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(MtrlError, match="not found"):
+    with pytest.raises(MtrlError, match="not found|no such file"):
         load_parallel(tmp_path / "missing.jsonl")
     (tmp_path / "a.txt").write_text("1\n2\n3\n")
     (tmp_path / "b.txt").write_text("1\n2\n")
