@@ -88,9 +88,11 @@ class RewardSection:
     no_error: float = 0.0
     hybrid_weight: float = 1.0
     scale: float = 1.0  # multiply all task rewards (e.g. 0.1 to bring -10 penalties near the KL scale)
-    scorer: Literal["detector", "chrf", "bleu", "comet"] = "detector"  # r3hf: scorer of every prefix
-    scorer_model: str | None = None  # r3hf + comet: hub id or local checkpoint
+    # r3hf: the scorer of every prefix; hybrid: the sentence score added at the last token
+    scorer: Literal["detector", "chrf", "bleu", "comet"] = "detector"
+    scorer_model: str | None = None  # scorer comet: hub id or local checkpoint
     r3hf_level: Literal["token", "word"] = "token"
+    hybrid_sentence: Literal["last", "r3hf"] = "last"  # hybrid: scorer's score on the last token, or r3hf-spread
 
 
 @dataclass
@@ -98,6 +100,7 @@ class AlgorithmConfig:
     # qsft: offline, see the `offline` section; grpo: TRL's GRPOTrainer, sequence-level (causal policies)
     name: Literal["ppo", "reinforce", "rloo", "qsft", "grpo"] = "ppo"
     lr: float = 1e-5
+    value_lr: float | None = 1e-3  # the value head's own learning rate (a fresh linear head); null: same as lr
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     batch_size: int = 32  # prompts per step

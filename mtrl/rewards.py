@@ -23,6 +23,7 @@ REWARD_MODES: tuple[str, ...] = ("token", "sentence", "hybrid", "r3hf")
 # computed by :mod:`mtrl.redistribution`, not by :func:`token_rewards`.
 R3HF_SCORERS: tuple[str, ...] = ("detector", "chrf", "bleu", "comet")
 R3HF_LEVELS: tuple[str, ...] = ("token", "word")
+HYBRID_SENTENCE: tuple[str, ...] = ("last", "r3hf")
 
 
 def _prepare(text: str, spans: Iterable[ErrorSpan | Mapping[str, Any]], smap: SeverityMap) -> list[tuple[int, int, float, bool]]:
@@ -163,6 +164,7 @@ class RewardConfig:
     scorer: str = "detector"  # r3hf: the sentence scorer evaluated on every prefix
     scorer_model: str | None = None  # r3hf with the comet scorer: hub id or local checkpoint
     r3hf_level: str = "token"  # r3hf: prefixes at every token, or only at word ends (cheaper)
+    hybrid_sentence: str = "last"  # hybrid: the scorer's sentence score on the last token, or spread by r3hf
     smap: SeverityMap = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,7 +174,8 @@ class RewardConfig:
             raise MtrlError(
                 f"reward token_rewards: unknown value {self.token_rewards!r}; allowed: {', '.join(TOKEN_REWARD_MODES)}"
             )
-        for key, allowed in (("scorer", R3HF_SCORERS), ("r3hf_level", R3HF_LEVELS)):
+        for key, allowed in (("scorer", R3HF_SCORERS), ("r3hf_level", R3HF_LEVELS),
+                             ("hybrid_sentence", HYBRID_SENTENCE)):
             if getattr(self, key) not in allowed:
                 raise MtrlError(f"reward {key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
         for key in ("no_error", "hybrid_weight"):
@@ -205,14 +208,16 @@ def token_rewards(
     offsets: Sequence[tuple[int, int]],
     config: RewardConfig,
     last_index: int | None = None,
+    sentence_score: float | None = None,
 ) -> list[float]:
     """Per-token rewards of one hypothesis under ``config.mode``.
 
     ``token`` maps the spans and adds the detection's ``omission_penalty`` (content left out, which
     has no span) to the final token; ``sentence`` puts ``detection.score`` on the final token (``last_index``, default
     the last position of ``offsets``, which may be EOS; pass the last real token for
-    right-padded rows) and 0.0 elsewhere; ``hybrid`` adds ``hybrid_weight`` × that to
-    the ``token`` rewards.
+    right-padded rows) and 0.0 elsewhere; ``hybrid`` adds ``hybrid_weight`` × that score to
+    the span rewards, or × ``sentence_score`` when given (another scorer's, e.g. chrF, which
+    carries what spans cannot: content left out).
     """
     n = len(offsets)
     if not n:
@@ -231,7 +236,7 @@ def token_rewards(
     if mode == "token":  # an omission has no span: it belongs to the decision to stop
         out[last] += detection.omission_penalty
     if mode == "hybrid":
-        out[last] += config.hybrid_weight * float(detection.score)
+        out[last] += config.hybrid_weight * float(detection.score if sentence_score is None else sentence_score)
     return out
 
 

@@ -64,8 +64,14 @@ class CachedRewarder:
         self.use_reference = use_reference or detector.needs_reference
         self.cache: dict[tuple[str, str, str | None], Detection] = {}
         self.hits = self.misses = 0
-        self.redistributor = None
-        if config.mode == "r3hf":
+        self.redistributor = self.sentence_scorer = None
+        dense_hybrid = config.mode == "hybrid" and config.hybrid_sentence == "r3hf"
+        if config.mode == "hybrid" and config.scorer != "detector" and not dense_hybrid:
+            from mtrl.redistribution import load_scorer  # spans + another scorer's score on the last token
+
+            self.sentence_scorer = load_scorer(config.scorer, detector, config.scorer_model)
+            self.sentence_cache: dict[tuple[str, str, str | None], float] = {}
+        if config.mode == "r3hf" or dense_hybrid:
             from mtrl.redistribution import Redistributor, load_scorer
 
             scorer = load_scorer(config.scorer, detector, config.scorer_model)
@@ -86,11 +92,25 @@ class CachedRewarder:
             self.cache.update(zip(todo, found))
         return [self.cache[k] for k in keys]
 
+    def sentence_scores(self, sources: Sequence[str], hypotheses: Sequence[str],
+                        references: Sequence[str | None] | None) -> list[float]:
+        """The hybrid mode's sentence scores from ``reward.scorer`` (cached like detections)."""
+        refs = list(references) if references is not None else [None] * len(sources)
+        if self.sentence_scorer.needs_reference and any(r is None for r in refs):
+            raise MtrlError(f"the {self.config.scorer} scorer needs references; the data has none")
+        keys = list(zip(sources, hypotheses, refs))
+        todo = list(dict.fromkeys(k for k in keys if k not in self.sentence_cache))
+        if todo:
+            srcs, hyps, rs = map(list, zip(*todo))
+            self.sentence_cache.update(zip(todo, self.sentence_scorer.score(srcs, hyps, rs)))
+        return [self.sentence_cache[k] for k in keys]
+
     def __call__(self, tokenizer, sources, references, responses: torch.Tensor, mask: torch.Tensor):
         """Per-token rewards (B, T) for the responses, plus their texts and detections."""
         texts, offsets, lengths = decode_responses(tokenizer, responses, mask)
         rewards = torch.zeros(responses.shape, dtype=torch.float32)
-        if self.redistributor is not None:  # r3hf: prefix-score differences; the full score stands in for spans
+        if self.redistributor is not None and self.config.mode == "r3hf":
+            # r3hf: prefix-score differences; the full score stands in for spans
             needs_ref = self.use_reference or self.redistributor.scorer.needs_reference
             refs = references if needs_ref else None
             per_token, full = self.redistributor(sources, texts, offsets, refs)
@@ -99,9 +119,19 @@ class CachedRewarder:
             detections = [Detection([], s) for s in full]
             return rewards * self.scale * mask.float().cpu(), texts, detections
         detections = self.detect(sources, texts, references)
-        for i, (det, text, offs, n) in enumerate(zip(detections, texts, offsets, lengths)):
+        sentence: list[float | None] = [None] * len(texts)
+        if self.sentence_scorer is not None:
+            sentence = list(self.sentence_scores(sources, texts, references))
+        elif self.redistributor is not None:  # hybrid, sentence score redistributed: added below, not at the end
+            needs_ref = self.use_reference or self.redistributor.scorer.needs_reference
+            dense, _ = self.redistributor(sources, texts, offsets, references if needs_ref else None)
+            sentence = [0.0] * len(texts)
+        for i, (det, text, offs, n, sent) in enumerate(zip(detections, texts, offsets, lengths, sentence)):
             if n:
-                rewards[i, :n] = torch.tensor(token_rewards(det, text, offs, self.config), dtype=torch.float32)
+                rewards[i, :n] = torch.tensor(token_rewards(det, text, offs, self.config, sentence_score=sent),
+                                              dtype=torch.float32)
+                if self.redistributor is not None:
+                    rewards[i, :n] += self.config.hybrid_weight * torch.tensor(dense[i][:n], dtype=torch.float32)
         return rewards * self.scale * mask.float().cpu(), texts, detections
 
 

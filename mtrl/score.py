@@ -121,6 +121,9 @@ def score(
     cfg = reward if isinstance(reward, RewardConfig) else RewardConfig(**(reward or {}))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
+    if cfg.mode == "hybrid" and cfg.scorer != "detector":
+        raise MtrlError(f"reward mode hybrid with scorer {cfg.scorer!r} is a training reward (mtrl train); "
+                        "here hybrid adds the detector's own score (scorer: detector)")
     if cfg.mode == "r3hf":
         return _score_r3hf(list(hypotheses), sources, references, detector, detector_options, tokenizer, cfg)
     if gold_spans is not None:

@@ -287,7 +287,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: 
     rc = recipe.reward
     reward_cfg = RewardConfig(mode=rc.mode, severity_map=rc.severity_map, token_rewards=rc.token_rewards,
                               no_error=rc.no_error, hybrid_weight=rc.hybrid_weight, scorer=rc.scorer,
-                              scorer_model=rc.scorer_model, r3hf_level=rc.r3hf_level)
+                              scorer_model=rc.scorer_model, r3hf_level=rc.r3hf_level,
+                              hybrid_sentence=rc.hybrid_sentence)
     rewarder = CachedRewarder(detector, reward_cfg, rc.scale, use_reference=recipe.detector.use_reference)
 
     # 3. policy, reference, optimiser
@@ -316,8 +317,10 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: 
         train_grpo(recipe, policy, train_pairs, rewarder, run_dir)
         return _finish(policy, run_dir, eval_pairs, recipe, rewarder, results, t_start, log)
     reference = ReferencePolicy(policy)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+    head = [p for p in policy.value_head.parameters() if p.requires_grad]
+    body = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head.")]
+    optimizer = torch.optim.AdamW([{"params": body}, {"params": head, "lr": a.value_lr or a.lr}], lr=a.lr,
+                                  weight_decay=a.weight_decay)
     scheduler = get_scheduler(a.lr_schedule, optimizer, num_warmup_steps=a.warmup_steps,
                               num_training_steps=recipe.train.steps)
     wrapped, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)

@@ -63,3 +63,15 @@ def test_load_errors(tmp_path: Path):
         load_recipe(bad)
     with pytest.raises(MtrlError, match="must look like key.sub=value"):
         load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml", ["novalue"])
+
+
+def test_cli_takes_overrides_after_options(capsys):
+    from mtrl.cli import main
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    # the override reaches the recipe validator (and is refused there, by name), wherever it stands
+    assert main(["train", quickstart, "--quiet", "algorithm.kl_coeff=0.1"]) == 2
+    assert "kl_coeff" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", quickstart, "--quiet", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

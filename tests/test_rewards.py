@@ -265,3 +265,48 @@ def test_omission_penalty_goes_on_the_final_token_in_token_mode():
     # hybrid and sentence already carry it inside the score
     assert token_rewards(det, text, offsets, RewardConfig(mode="sentence")) == [0.0, 0.0, -15.0]
     assert token_rewards(det, text, offsets, RewardConfig(mode="hybrid")) == [-5.0, 0.0, -15.0]
+
+
+def test_hybrid_sentence_score_from_another_scorer():
+    from mtrl.detectors.base import Detection
+    from mtrl.rewards import RewardConfig, token_rewards
+    from mtrl.spans import ErrorSpan
+
+    text, offsets = "ab cd", [(0, 2), (2, 5), (5, 5)]
+    det = Detection([ErrorSpan(0, 2, "major")], score=-15.0, omission_penalty=-10.0)
+    cfg = RewardConfig(mode="hybrid", scorer="chrf", hybrid_weight=0.5)
+    assert token_rewards(det, text, offsets, cfg, sentence_score=40.0) == [-5.0, 0.0, 20.0]
+
+
+@pytest.mark.parametrize("where", ["last", "r3hf"])
+def test_rewarder_hybrid_with_chrf(where):
+    """Spans of the reference detector + chrF, on the last token or redistributed (R3HF) over the tokens."""
+    import torch
+    from sacrebleu import sentence_chrf
+
+    from mtrl.detectors import load_detector
+    from mtrl.rewards import RewardConfig, spans_to_token_rewards
+    from mtrl.rollout import CachedRewarder, decode_responses
+    from tests.fixtures.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("unigram")
+    hyps = ["Ein Mann schläft auf einem grünen Sofa.", "Zwei Hunde spielen im Schnee."]
+    refs = ["Ein Mann schläft in einem grünen Raum auf einem Sofa.", "Zwei Hunde laufen durch den Schnee."]
+    ids = [tok(h)["input_ids"] for h in hyps]
+    width = max(map(len, ids))
+    responses = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    cfg = RewardConfig(mode="hybrid", scorer="chrf", hybrid_sentence=where, hybrid_weight=2.0)
+    rewarder = CachedRewarder(load_detector("reference"), cfg)
+    rewards, texts, detections = rewarder(tok, ["", ""], refs, responses, mask)
+    _, offsets, lengths = decode_responses(tok, responses, mask)
+    for i, (text, det) in enumerate(zip(texts, detections)):
+        spans = spans_to_token_rewards(text, offsets[i], det.spans, cfg.smap, "max")
+        extra = rewards[i, : lengths[i]] - torch.tensor(spans)
+        chrf = sentence_chrf(text, [refs[i]]).score
+        assert float(extra.sum()) == pytest.approx(2.0 * (chrf - sentence_chrf("", [refs[i]]).score), abs=1e-3)
+        if where == "last":  # all of it on the final token
+            assert float(extra[:-1].abs().sum()) == 0.0
+        else:  # spread: more than one token carries part of it
+            assert int((extra.abs() > 1e-6).sum()) > 1
+    assert any(d.spans for d in detections)  # the detector's spans are really in there

@@ -73,6 +73,17 @@ def test_training_changes_the_policy(tiny_seq2seq, small_data, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_value_head_has_its_own_learning_rate(tiny_seq2seq, small_data, tmp_path):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tiny_seq2seq, small_data, run, algorithm={"lr": 1e-4, "value_lr": 3e-3},
+                         train={"steps": 1, "report_to": []})
+    train(recipe_from_dict(recipe), quiet=True)
+    state = torch.load(run / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-4, 3e-3]
+    assert len(groups[1]["params"]) == 2  # the value head's weight and bias, nothing else
+
+
 def test_resume_two_plus_two_equals_four(tiny_seq2seq, small_data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     base = {"train": {"steps": 4, "save_every": 2, "report_to": []}}
