@@ -64,54 +64,42 @@ class CachedRewarder:
         self.use_reference = use_reference or detector.needs_reference
         self.cache: dict[tuple[str, str, str | None], Detection] = {}
         self.hits = self.misses = 0
-        self.redistributor = self.sentence_scorer = None
-        dense_hybrid = config.mode == "hybrid" and config.hybrid_sentence == "r3hf"
-        if config.mode == "hybrid" and config.scorer != "detector" and not dense_hybrid:
-            from mtrl.redistribution import load_scorer  # spans + another scorer's score on the last token
-
-            self.sentence_scorer = load_scorer(config.scorer, detector, config.scorer_model)
-            self.sentence_cache: dict[tuple[str, str, str | None], float] = {}
-        if config.mode == "r3hf" or dense_hybrid:
+        # the sentence scorer of r3hf, and of hybrid when it adds another scorer's score (chrF, ...) to the spans
+        self.scorer = self.redistributor = None
+        self.scores: dict[tuple[str, str, str | None], float] = {}
+        if config.mode == "r3hf" or (config.mode == "hybrid" and
+                                     (config.scorer != "detector" or config.hybrid_sentence == "r3hf")):
             from mtrl.redistribution import Redistributor, load_scorer
 
-            scorer = load_scorer(config.scorer, detector, config.scorer_model)
-            self.redistributor = Redistributor(scorer, config.r3hf_level)
+            self.scorer = load_scorer(config.scorer, detector, config.scorer_model)
+            if config.mode == "r3hf" or config.hybrid_sentence == "r3hf":
+                self.redistributor = Redistributor(self.scorer, config.r3hf_level)
 
     def detect(self, sources: Sequence[str], hypotheses: Sequence[str],
                references: Sequence[str | None] | None) -> list[Detection]:
         refs = list(references) if (references is not None and self.use_reference) else [None] * len(sources)
+        if self.detector.needs_reference and any(r is None for r in refs):
+            raise MtrlError(f"the {self.detector.name} detector needs references; the data has none")
         keys = list(zip(sources, hypotheses, refs))
-        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        self.hits += len(keys) - len(todo)
-        self.misses += len(todo)
-        if todo:
-            srcs, hyps, rs = map(list, zip(*todo))
-            if self.detector.needs_reference and any(r is None for r in rs):
-                raise MtrlError(f"the {self.detector.name} detector needs references; the data has none")
-            found = self.detector.detect(srcs, hyps, None if all(r is None for r in rs) else rs)
-            self.cache.update(zip(todo, found))
-        return [self.cache[k] for k in keys]
+        n_cached = sum(k in self.cache for k in keys)
+        self.hits, self.misses = self.hits + n_cached, self.misses + len(keys) - n_cached
+        return _cached(self.cache, keys, lambda s, h, r: self.detector.detect(
+            s, h, None if all(x is None for x in r) else r))
 
     def sentence_scores(self, sources: Sequence[str], hypotheses: Sequence[str],
                         references: Sequence[str | None] | None) -> list[float]:
-        """The hybrid mode's sentence scores from ``reward.scorer`` (cached like detections)."""
+        """Hybrid mode: ``reward.scorer``'s sentence scores (cached like detections)."""
         refs = list(references) if references is not None else [None] * len(sources)
-        if self.sentence_scorer.needs_reference and any(r is None for r in refs):
+        if self.scorer.needs_reference and any(r is None for r in refs):
             raise MtrlError(f"the {self.config.scorer} scorer needs references; the data has none")
-        keys = list(zip(sources, hypotheses, refs))
-        todo = list(dict.fromkeys(k for k in keys if k not in self.sentence_cache))
-        if todo:
-            srcs, hyps, rs = map(list, zip(*todo))
-            self.sentence_cache.update(zip(todo, self.sentence_scorer.score(srcs, hyps, rs)))
-        return [self.sentence_cache[k] for k in keys]
+        return _cached(self.scores, list(zip(sources, hypotheses, refs)), self.scorer.score)
 
     def __call__(self, tokenizer, sources, references, responses: torch.Tensor, mask: torch.Tensor):
         """Per-token rewards (B, T) for the responses, plus their texts and detections."""
         texts, offsets, lengths = decode_responses(tokenizer, responses, mask)
         rewards = torch.zeros(responses.shape, dtype=torch.float32)
-        if self.redistributor is not None and self.config.mode == "r3hf":
-            # r3hf: prefix-score differences; the full score stands in for spans
-            needs_ref = self.use_reference or self.redistributor.scorer.needs_reference
+        if self.config.mode == "r3hf":  # prefix-score differences; the full score stands in for spans
+            needs_ref = self.use_reference or self.scorer.needs_reference
             refs = references if needs_ref else None
             per_token, full = self.redistributor(sources, texts, offsets, refs)
             for i, (r, n) in enumerate(zip(per_token, lengths)):
@@ -119,20 +107,29 @@ class CachedRewarder:
             detections = [Detection([], s) for s in full]
             return rewards * self.scale * mask.float().cpu(), texts, detections
         detections = self.detect(sources, texts, references)
-        sentence: list[float | None] = [None] * len(texts)
-        if self.sentence_scorer is not None:
-            sentence = list(self.sentence_scores(sources, texts, references))
-        elif self.redistributor is not None:  # hybrid, sentence score redistributed: added below, not at the end
-            needs_ref = self.use_reference or self.redistributor.scorer.needs_reference
+        sentence: list[float | None] = [None] * len(texts)  # None: hybrid adds the detector's own score
+        dense = None
+        if self.redistributor is not None:  # hybrid, the scorer's score spread over the tokens (R3HF)
+            needs_ref = self.use_reference or self.scorer.needs_reference
             dense, _ = self.redistributor(sources, texts, offsets, references if needs_ref else None)
-            sentence = [0.0] * len(texts)
+            sentence = [0.0] * len(texts)  # nothing more on the last token
+        elif self.scorer is not None:  # hybrid, the scorer's score on the last token
+            sentence = self.sentence_scores(sources, texts, references)
         for i, (det, text, offs, n, sent) in enumerate(zip(detections, texts, offsets, lengths, sentence)):
             if n:
-                rewards[i, :n] = torch.tensor(token_rewards(det, text, offs, self.config, sentence_score=sent),
-                                              dtype=torch.float32)
-                if self.redistributor is not None:
-                    rewards[i, :n] += self.config.hybrid_weight * torch.tensor(dense[i][:n], dtype=torch.float32)
+                r = token_rewards(det, text, offs, self.config, sentence_score=sent)
+                if dense is not None:
+                    r = [a + self.config.hybrid_weight * b for a, b in zip(r, dense[i][:n])]
+                rewards[i, :n] = torch.tensor(r, dtype=torch.float32)
         return rewards * self.scale * mask.float().cpu(), texts, detections
+
+
+def _cached(cache: dict, keys: list, compute) -> list:
+    """Values for ``keys`` (tuples of columns) from ``cache``; the missing ones computed once, in one batch."""
+    todo = list(dict.fromkeys(k for k in keys if k not in cache))
+    if todo:
+        cache.update(zip(todo, compute(*map(list, zip(*todo)))))
+    return [cache[k] for k in keys]
 
 
 @torch.no_grad()
