@@ -4,9 +4,11 @@ Prints ``name: value`` lines:
 
 * ``rollout_vs_generate``: tokens/s of a full rollout (sampling through the policy
   wrapper, detokenising, reward scoring, policy + reference log-probs and values)
-  over tokens/s of a plain batched ``model.generate`` with the same sampling
-  settings, model and batch. Target >= 0.8.
-* ``sampling_vs_generate``: the sampling part alone (the policy's ``generate``).
+  over tokens/s of a plain batched ``model.generate`` (``do_sample=True``: transformers'
+  multinomial sampling) with the same sampling settings, model and batch (the tiny
+  seq2seq test model, 32 sources, 40 new tokens). Target >= 0.8.
+* ``sampling_vs_generate``: the sampling part alone (the policy's ``generate``, which
+  samples by inverse CDF, see ``mtrl/sampling.py``).
 * ``ppo_step_token_s`` / ``ppo_step_r3hf_s`` / ``r3hf_vs_token_step``: one PPO step (tiny seq2seq,
   32 sources, 40 new tokens) with token-level span rewards vs R3HF rewards (the ``reference``
   detector's score on every prefix).
@@ -14,7 +16,10 @@ Prints ``name: value`` lines:
   step) over one TRL ``GRPOTrainer`` step, same tiny causal model, same number of
   completions (8 = 2 distinct prompts x 4 samples), same completion length (24 new tokens, forced), same reward
   (the ``reference`` detector's sentence score), the same KL coefficient (0.05: both run a reference
-  model). Target <= 1.0.
+  model). Target <= 1.0. The model is the causal test model's shape (2 layers, hidden 32) with a
+  5,000-token BPE vocabulary trained on Multi30k (the quickstart's vocabulary size); the same figures
+  for the causal test model itself (a 700-token vocabulary, where sampling costs little) carry the
+  suffix ``_vocab<N>``. PPO steps are timed before and after the GRPO run and pooled.
 
 Usage: python eval/bench_ppo.py [--repeats 5] [--threads 2]
 """
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,16 +119,14 @@ def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens
     return {"ppo_step_token_s": t_token, "ppo_step_r3hf_s": t_r3hf, "r3hf_vs_token_step": t_r3hf / t_token}
 
 
-def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
-    from accelerate import Accelerator
+def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24) -> list[float]:
+    """Seconds of each TRL GRPOTrainer step after the first (2 distinct prompts x 4 generations per step)."""
     from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from mtrl.algorithms import ppo
-
-    n, new_tokens = 8, 24
     detector = load_detector("reference")
-    refs = {p[0]: p[1] for p in pairs}
 
     def reward_fn(prompts, completions, reference, **kwargs):
         return [d.score for d in detector.detect([""] * len(completions), completions, reference)]
@@ -133,6 +137,15 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
     # repeated prompt has no padding, which makes generation ~3x faster on these tiny models)
     rows = pairs[: 2 * (repeats + 1)]
     ds = Dataset.from_dict({"prompt": [policy.prompt_text(p[0]) for p in rows], "reference": [p[1] for p in rows]})
+    step_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_times.append(time.perf_counter() - self.t0)
+
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(output_dir=out, bf16=False, use_cpu=True, gradient_checkpointing=False,
                          per_device_train_batch_size=n, num_generations=4, max_completion_length=new_tokens,
@@ -141,42 +154,69 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
                          generation_kwargs={"min_new_tokens": new_tokens}, disable_tqdm=True)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=reward_fn, args=cfg, train_dataset=ds,
                               processing_class=policy.tokenizer)
-        step_times: list[float] = []
-
-        from transformers import TrainerCallback
-
-        class Timer(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                step_times.append(time.perf_counter() - self.t0)
-
         trainer.add_callback(Timer())
+        trainer.remove_callback(PrinterCallback)  # keep stdout to the name: value lines
         trainer.train()
-    t_grpo = statistics.median(step_times[1:])
+    return step_times[1:]
 
-    # PPO: same completions per step (2 sources x 4 samples) and length; one optimiser step (epochs=1, one minibatch).
+
+def ppo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24) -> list[float]:
+    """Seconds of PPO steps on the same completions per step (2 sources x 4 samples), length and reward as GRPO's;
+    one optimiser step (epochs=1, one minibatch)."""
+    from accelerate import Accelerator
+
+    from mtrl.algorithms import ppo
+
     policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
     policy.model.generation_config.min_new_tokens = new_tokens
     reference = ReferencePolicy(policy)
-    rewarder = CachedRewarder(detector, RewardConfig(mode="sentence"))
+    rewarder = CachedRewarder(load_detector("reference"), RewardConfig(mode="sentence"))
     algo = AlgorithmConfig(batch_size=n, minibatch_size=n, epochs=1, lr=1e-5)
     gen = GenerationConfig(max_new_tokens=new_tokens)
     accelerator = Accelerator(cpu=True)
     opt = torch.optim.AdamW(policy.parameters(), lr=algo.lr)
     wrapped, opt = accelerator.prepare(policy, opt)
     sources = [p[0] for p in pairs[: n // 4]]
-    references = [refs[s] for s in sources]
-
-    def ppo_step():
+    references = [p[1] for p in pairs[: n // 4]]
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
         rewarder.cache.clear()
         ro = collect_rollout(policy, reference, rewarder, sources, references, gen, samples_per_prompt=4)
         kl = ppo.kl_penalty(ro.logprobs, ro.ref_logprobs) * ro.response_mask
         ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, 1.0)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
 
-    (t_ppo,) = median_times([ppo_step], repeats)
-    return {"ppo_step_s": t_ppo, "trl_grpo_step_s": t_grpo, "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo}
+
+def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
+    """PPO steps before and after the GRPO run (a process runs slower after a Trainer has run in it: both
+    orders are timed and pooled)."""
+    ppo_times = ppo_step_times(model_dir, pairs, repeats)
+    grpo_times = grpo_step_times(model_dir, pairs, repeats)
+    ppo_after = ppo_step_times(model_dir, pairs, repeats)
+    t_ppo, t_grpo = statistics.median(ppo_times + ppo_after), statistics.median(grpo_times)
+    return {"ppo_step_s": t_ppo, "ppo_step_first_s": statistics.median(ppo_times),
+            "ppo_step_after_grpo_s": statistics.median(ppo_after), "trl_grpo_step_s": t_grpo,
+            "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo}
+
+
+def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:
+    """The test fixture's tiny Qwen2 shape with a BPE vocabulary of ``vocab_size`` trained on Multi30k."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mtrl.warmstart import train_tokenizer
+
+    tok = train_tokenizer([t for p in pairs for t in p], vocab_size)
+    tok.backend_tokenizer.post_processor = None  # no EOS after the prompt
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None)
+    Qwen2ForCausalLM(config).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def main() -> None:
@@ -190,8 +230,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seq2seq = build_tiny_seq2seq(Path(tmp) / "s2s")
         causal = build_tiny_causal(Path(tmp) / "causal")
+        causal_5k = build_causal_with_vocab(Path(tmp) / "causal-5k", load_parallel("multi30k", "train"), 5000)
+        small_vocab = AutoConfig.from_pretrained(causal).vocab_size
         results = {**bench_rollout(seq2seq, pairs, args.repeats), **bench_r3hf(seq2seq, pairs, args.repeats),
-                   **bench_vs_grpo(causal, pairs, args.repeats)}
+                   **bench_vs_grpo(causal_5k, pairs, args.repeats),
+                   **{f"{k}_vocab{small_vocab}": v for k, v in bench_vs_grpo(causal, pairs, args.repeats).items()}}
     print(f"threads: {args.threads}")
     for k, v in results.items():
         print(f"{k}: {v:.3f}")

@@ -130,6 +130,9 @@ class GenerationConfig:
     top_k: int = 0
     eval_num_beams: int = 1
     eval_batch_size: int = 64
+    # rollout log-probs/values: from the sampling pass ("generate": no extra forward, keeps B x T x V logits
+    # while sampling) or from a teacher-forced pass ("forward": less memory for very large vocabularies)
+    rollout_logprobs: Literal["generate", "forward"] = "generate"
 
 
 @dataclass
@@ -209,6 +212,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise MtrlError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
+    if origin is tuple:  # fixed length, from a YAML list
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise MtrlError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, list):
             raise MtrlError(f"{where}: expected a list, got {value!r}")
@@ -279,11 +287,13 @@ def _check_semantics(r: Recipe) -> None:
         from mtrl.algorithms.qsft import QSFTConfig
 
         allowed = [f.name for f in dataclasses.fields(QSFTConfig) if f.name not in ("policy", "src_lang", "tgt_lang")]
-        for key in r.offline.qsft:
+        hints = typing.get_type_hints(QSFTConfig)
+        for key, value in r.offline.qsft.items():
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
                 raise MtrlError(f"unknown key 'offline.qsft.{key}'{hint}")
+            r.offline.qsft[key] = _convert(value, hints[key], f"offline.qsft.{key}")  # types, as for any key
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -4,7 +4,9 @@
 batch with the KV cache, decodes the hypotheses exactly as the detector will
 see them, scores them through a cache (repeated (source, hypothesis) pairs are
 not scored twice), maps spans to the policy's tokens and adds the reference
-model's log-probs for the KL penalty.
+model's log-probs for the KL penalty. The policy's own log-probs and values
+come from the sampling pass (``generation.rollout_logprobs: generate``) or from
+a second, teacher-forced pass (``forward``).
 """
 
 from __future__ import annotations
@@ -142,12 +144,17 @@ def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Cached
         references = [r for r in references for _ in range(samples_per_prompt)]
     group = torch.arange(len(sources)) // samples_per_prompt
     queries, qmask = policy.encode_sources(sources)
-    responses, rmask = policy.generate(queries, qmask, gen, sample=True)
+    if gen.rollout_logprobs == "generate":  # old log-probs and values from the sampling pass itself
+        responses, rmask, out = policy.sample(queries, qmask, gen, with_values=with_values)
+    else:
+        responses, rmask = policy.generate(queries, qmask, gen, sample=True)
     t_gen = time.perf_counter() - t0
     scores, texts, detections = rewarder(policy.tokenizer, sources, references, responses, rmask)
     t_score = time.perf_counter() - t0 - t_gen
-    out = policy.forward(queries, qmask, responses, rmask, gen.temperature, with_values=with_values)
     ref_logprobs = reference.logprobs(queries, qmask, responses, rmask, gen.temperature)
+    if gen.rollout_logprobs == "forward":  # a teacher-forced pass instead: no B x T x V logits kept
+        out = policy.forward(queries, qmask, responses, rmask, gen.temperature, with_values=with_values,
+                             with_entropy=False)
     m = rmask.float()
     stats = {"generate_s": t_gen, "score_s": t_score, "response_tokens": float(m.sum()),
              "response_length_mean": float(m.sum(1).mean())}

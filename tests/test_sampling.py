@@ -1,0 +1,89 @@
+"""Rollout sampling: the inverse-CDF sampler's distribution, and log-probs/values taken from the sampling pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from mtrl.detectors import load_detector
+from mtrl.policy import ReferencePolicy, build_policy
+from mtrl.recipe import GenerationConfig, PolicyConfig
+from mtrl.rewards import RewardConfig
+from mtrl.rollout import CachedRewarder, collect_rollout
+from mtrl.sampling import InverseCDFSampler
+
+SOURCES = ["A man rides a bike.", "Two dogs run in the long green grass of the park today."]
+REFERENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde laufen heute im langen grünen Gras des Parks."]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0), (1.0, 0, 0.8)])
+def test_inverse_cdf_sampler_draws_from_the_warped_softmax(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    scores = torch.randn(1, 12) * 2
+    # the distribution transformers' do_sample path draws from: its warpers, then softmax
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+        ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    expected = LogitsProcessorList(warpers)(None, scores.clone()).softmax(-1)[0]
+    n = 40000
+    out = InverseCDFSampler(temperature, top_k, top_p)(None, scores.expand(n, -1).clone())
+    assert torch.isfinite(out).sum(1).eq(1).all()  # exactly one token left per row
+    freq = torch.bincount(out.argmax(-1), minlength=12).float() / n
+    assert (freq - expected).abs().max() < 0.012  # ~5 standard errors at n=40000
+    assert freq[expected == 0].sum() == 0  # a token cut by top-k/top-p is never drawn
+
+
+def test_inverse_cdf_sampler_follows_the_torch_seed():
+    scores = torch.randn(8, 50)
+    torch.manual_seed(3)
+    a = InverseCDFSampler()(None, scores.clone()).argmax(-1)
+    torch.manual_seed(3)
+    b = InverseCDFSampler()(None, scores.clone()).argmax(-1)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_seq2seq", "tiny_causal", "tiny_nllb"])
+def test_sampling_pass_logprobs_and_values_equal_a_forward_pass(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    cfg = PolicyConfig(model=str(model_dir), tgt_lang_code="deu_Latn" if fixture == "tiny_nllb" else None)
+    policy = build_policy(cfg, str(model_dir), "English", "German")
+    queries, qmask = policy.encode_sources(SOURCES)
+    gen = GenerationConfig(max_new_tokens=10, temperature=0.7, top_p=0.9)
+    torch.manual_seed(0)
+    responses, mask, out = policy.sample(queries, qmask, gen)
+    full = policy.forward(queries, qmask, responses, mask, gen.temperature)
+    m = mask.bool()
+    assert m.any()
+    torch.testing.assert_close(out.logprobs[m], full.logprobs[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values[m], full.values[m], atol=1e-5, rtol=0)
+    assert (out.logprobs[m] < 0).all()
+
+
+def test_rollout_logprobs_from_generate_equal_those_from_forward(tiny_causal):
+    policy = build_policy(PolicyConfig(model=str(tiny_causal)), str(tiny_causal), "English", "German")
+    reference = ReferencePolicy(policy)
+    rewarder = CachedRewarder(load_detector("reference"), RewardConfig())
+    rollouts = {}
+    for how in ("generate", "forward"):
+        torch.manual_seed(1)
+        rollouts[how] = collect_rollout(policy, reference, rewarder, SOURCES, REFERENCES,
+                                        GenerationConfig(max_new_tokens=8, rollout_logprobs=how))
+    a, b = rollouts["generate"], rollouts["forward"]
+    assert torch.equal(a.responses, b.responses)  # same sampler, same seed
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.ref_logprobs, b.ref_logprobs)
+
+
+def test_causal_forward_keeps_only_the_completion_logits(tiny_causal):
+    """logits_to_keep (the LM head on response positions only) gives the full forward's log-probs."""
+    policy = build_policy(PolicyConfig(model=str(tiny_causal)), str(tiny_causal), "English", "German")
+    queries, qmask = policy.encode_sources(SOURCES)
+    torch.manual_seed(0)
+    responses, mask = policy.generate(queries, qmask, GenerationConfig(max_new_tokens=6))
+    out = policy.forward(queries, qmask, responses, mask)
+    ids, am = torch.cat([queries, responses], 1), torch.cat([qmask, mask], 1)
+    logits = policy.model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0)).logits
+    manual = logits[:, queries.shape[1] - 1:-1].log_softmax(-1).gather(2, responses.unsqueeze(-1)).squeeze(-1)
+    m = mask.bool()
+    torch.testing.assert_close(out.logprobs[m], manual[m], atol=1e-5, rtol=0)
