@@ -19,7 +19,10 @@ Prints ``name: value`` lines:
   model). Target <= 1.0. The model is the causal test model's shape (2 layers, hidden 32) with a
   5,000-token BPE vocabulary trained on Multi30k (the quickstart's vocabulary size); the same figures
   for the causal test model itself (a 700-token vocabulary, where sampling costs little) carry the
-  suffix ``_vocab<N>``. PPO steps are timed before and after the GRPO run and pooled.
+  suffix ``_vocab<N>``. PPO steps are timed before and after the GRPO run and pooled. GRPO gets the
+  model as a TRL user loads it (transformers' SDPA masks); mtrl's loader switches causal models to
+  masks built by broadcasting (``mtrl/attention.py``), so ``trl_grpo_step_with_mtrl_masks_s`` and
+  ``ppo_step_vs_trl_grpo_step_with_mtrl_masks`` give GRPO that too: the comparison without it.
 
 Usage: python eval/bench_ppo.py [--repeats 5] [--threads 2]
 """
@@ -39,6 +42,7 @@ from transformers import AutoConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mtrl.attention import use_broadcast_masks  # noqa: E402
 from mtrl.datasets import load_parallel  # noqa: E402
 from mtrl.detectors import load_detector  # noqa: E402
 from mtrl.policy import ReferencePolicy, build_policy  # noqa: E402
@@ -119,10 +123,15 @@ def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens
     return {"ppo_step_token_s": t_token, "ppo_step_r3hf_s": t_r3hf, "r3hf_vs_token_step": t_r3hf / t_token}
 
 
-def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24) -> list[float]:
-    """Seconds of each TRL GRPOTrainer step after the first (2 distinct prompts x 4 generations per step)."""
+def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24,
+                    broadcast_masks: bool = False) -> list[float]:
+    """Seconds of each TRL GRPOTrainer step after the first (2 distinct prompts x 4 generations per step).
+
+    The model is loaded as a TRL user loads it (``from_pretrained``: transformers' SDPA masks);
+    ``broadcast_masks`` switches it to mtrl's (``mtrl/attention.py``), as mtrl's own loader does.
+    """
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -131,8 +140,7 @@ def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens
     def reward_fn(prompts, completions, reference, **kwargs):
         return [d.score for d in detector.detect([""] * len(completions), completions, reference)]
 
-    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
-    policy.model.generation_config.min_new_tokens = new_tokens
+    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")  # prompts
     # distinct prompts: a step's 2 prompts x 4 generations are padded like any real batch (a batch of one
     # repeated prompt has no padding, which makes generation ~3x faster on these tiny models)
     rows = pairs[: 2 * (repeats + 1)]
@@ -152,7 +160,10 @@ def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens
                          max_steps=repeats + 1, report_to="none", save_strategy="no", logging_steps=1,
                          learning_rate=1e-5, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
                          generation_kwargs={"min_new_tokens": new_tokens}, disable_tqdm=True)
-        trainer = GRPOTrainer(model=policy.model, reward_funcs=reward_fn, args=cfg, train_dataset=ds,
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if broadcast_masks:
+            use_broadcast_masks(model)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=ds,
                               processing_class=policy.tokenizer)
         trainer.add_callback(Timer())
         trainer.remove_callback(PrinterCallback)  # keep stdout to the name: value lines
@@ -194,11 +205,14 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
     orders are timed and pooled)."""
     ppo_times = ppo_step_times(model_dir, pairs, repeats)
     grpo_times = grpo_step_times(model_dir, pairs, repeats)
+    grpo_ours = grpo_step_times(model_dir, pairs, repeats, broadcast_masks=True)
     ppo_after = ppo_step_times(model_dir, pairs, repeats)
     t_ppo, t_grpo = statistics.median(ppo_times + ppo_after), statistics.median(grpo_times)
     return {"ppo_step_s": t_ppo, "ppo_step_first_s": statistics.median(ppo_times),
             "ppo_step_after_grpo_s": statistics.median(ppo_after), "trl_grpo_step_s": t_grpo,
-            "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo}
+            "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo,
+            "trl_grpo_step_with_mtrl_masks_s": statistics.median(grpo_ours),
+            "ppo_step_vs_trl_grpo_step_with_mtrl_masks": t_ppo / statistics.median(grpo_ours)}
 
 
 def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:

@@ -54,6 +54,10 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
     except OSError as e:
         raise MtrlError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]} "
                         "(offline? give a local directory saved with save_pretrained)") from None
+    if kind == "causal":  # padded batches: an attention mask without transformers' per-step vmap
+        from mtrl.attention import use_broadcast_masks
+
+        use_broadcast_masks(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids (Marian rejects them)
