@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
     and_masks,
     causal_mask_function,
@@ -78,8 +77,6 @@ def use_broadcast_masks(model: Any) -> bool:
     """Switch a causal LM that runs transformers' SDPA to ``mtrl_sdpa``; True when it did."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False) or config._attn_implementation != "sdpa":
-        return False
-    if ALL_MASK_ATTENTION_FUNCTIONS.get("sdpa") is None:
-        return False
+        return False  # eager, flash attention (no mask), encoder-decoders (masks built elsewhere): left alone
     model.set_attn_implementation(NAME)
     return True

@@ -6,7 +6,8 @@ One interface for both kinds, so the algorithms never branch on model type:
   (right-padded encoder inputs for seq2seq; left-padded prompts for causal LMs,
   through the chat template when the tokenizer has one);
 * ``generate`` samples responses (target tokens only, EOS included) and a mask
-  that ends at the first EOS;
+  that ends at the first EOS; ``sample`` also returns the log-probs and values
+  of the sampling pass itself (no second forward);
 * ``forward`` returns, for every response position, the log-probability of the
   taken token, the entropy of the next-token distribution and the value of the
   state before it (a linear head on the final hidden state).
@@ -15,6 +16,8 @@ One interface for both kinds, so the algorithms never branch on model type:
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -210,10 +213,13 @@ class Policy(nn.Module):
 
 def _accepts_logits_to_keep(model: Any) -> bool:
     """Whether a causal LM's forward takes ``logits_to_keep`` (most transformers models do; peft passes it on)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes(type(base), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
 
 
 class ReferencePolicy:
