@@ -101,7 +101,7 @@ def run_bench(path: str | Path, quiet: bool = False) -> Path:
         from mtrl.warmstart import warm_start
 
         print("mtrl bench: warm start (shared by every cell) ...", file=sys.stderr)
-        model = warm_start(base.warm_start.options, bench.output)
+        model = warm_start(base.warm_start.options, bench.output, progress=not quiet)
         shared = [f"policy.model={model}", "warm_start.enabled=false"]
     cells = [(s, seed) for seed in bench.seeds for s in bench.schemes]  # every scheme once before any repeats
     for i, (scheme, seed) in enumerate(cells, 1):

@@ -19,7 +19,7 @@ from mtrl.recipe import Recipe
 
 
 def offline_rows(recipe: Recipe, model_path: str, train_pairs: Sequence[tuple[str, str]], rewarder: Any,
-                 run_dir: Path, log: Callable[..., None]) -> list[dict[str, Any]]:
+                 run_dir: Path, log: Callable[..., None], quiet: bool = False) -> list[dict[str, Any]]:
     """Labelled rows with ``token_ids`` and ``token_rewards``: read from offline.data, or sampled and labelled."""
     from mtrl.label import label, sample_rows
 
@@ -34,10 +34,11 @@ def offline_rows(recipe: Recipe, model_path: str, train_pairs: Sequence[tuple[st
     labelled = run_dir / "offline" / "labelled.jsonl"
     log(f"mtrl: sampling {off.samples_per_source} translations for {off.num_sources} sources ...")
     rows = sample_rows(model_path, train_pairs[: off.num_sources], off.samples_per_source, off.temperature,
-                       recipe.generation.max_new_tokens, seed=recipe.seed, policy_config=recipe.policy)
+                       recipe.generation.max_new_tokens, seed=recipe.seed, policy_config=recipe.policy,
+                       progress=not quiet)
     reward = rewarder.config
     counts = label(rows, labelled, detector=rewarder.detector.name, tokenizer=model_path, reward=reward,
-                   detector_options=_detector_options(recipe), progress=True)
+                   detector_options=_detector_options(recipe), progress=not quiet)
     log(f"mtrl: labelled {counts['rows']} rows ({counts['rejected']} rejected) -> {labelled}")
     return read_jsonl(labelled)
 
@@ -52,11 +53,11 @@ def _detector_options(recipe: Recipe) -> dict[str, Any]:
 
 
 def run_qsft(recipe: Recipe, model_path: str, train_pairs, eval_pairs, rewarder: Any, results: dict[str, Any],
-             log: Callable[..., None]) -> dict[str, Any]:
+             log: Callable[..., None], quiet: bool = False) -> dict[str, Any]:
     from mtrl.algorithms.qsft import QSFTConfig, train_qsft
 
     run_dir = Path(recipe.run_dir)
-    rows = offline_rows(recipe, model_path, train_pairs, rewarder, run_dir, log)
+    rows = offline_rows(recipe, model_path, train_pairs, rewarder, run_dir, log, quiet)
     level = "sentence" if recipe.reward.mode == "sentence" else "token"
     cfg = QSFTConfig(**{"reward_level": level, "seed": recipe.seed, **recipe.offline.qsft},
                      policy=recipe.policy, src_lang=recipe.data.src_lang, tgt_lang=recipe.data.tgt_lang)

@@ -271,7 +271,7 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: 
         from mtrl.warmstart import warm_start
 
         log("mtrl: warm start (supervised) ...")
-        model_path = str(warm_start(recipe.warm_start.options, run_dir))
+        model_path = str(warm_start(recipe.warm_start.options, run_dir, progress=not quiet))
     seed_everything(recipe.seed)
 
     # 2. data, detector, rewards
@@ -303,7 +303,7 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: 
             log(f"mtrl: evaluating the initial policy on {len(eval_pairs)} segments ...")
             results["before"] = evaluate_policy(policy, eval_pairs, recipe.generation, rewarder)
         del policy
-        results = run_qsft(recipe, model_path, train_pairs, eval_pairs, rewarder, results, log)
+        results = run_qsft(recipe, model_path, train_pairs, eval_pairs, rewarder, results, log, quiet)
         results["wall_time_s"] = time.perf_counter() - t_start
         write_json(run_dir / "eval.json", results)
         return results

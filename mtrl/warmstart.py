@@ -103,7 +103,7 @@ class WarmStartConfig:
             raise MtrlError("warm start: max_steps and batch_size must be >= 1, max_length >= 2")
 
 
-def warm_start(config: WarmStartConfig | Mapping[str, Any], run_dir: Path) -> Path:
+def warm_start(config: WarmStartConfig | Mapping[str, Any], run_dir: Path, progress: bool = True) -> Path:
     """Train (or reuse) the warm-start model; returns ``run_dir/warmstart`` (model + tokenizer)."""
     cfg = config if isinstance(config, WarmStartConfig) else WarmStartConfig.from_dict(config)
     cfg.check()
@@ -122,7 +122,7 @@ def warm_start(config: WarmStartConfig | Mapping[str, Any], run_dir: Path) -> Pa
     torch.manual_seed(cfg.seed)
     tokenizer = train_tokenizer([s for p in pairs for s in p], cfg.vocab_size, cfg.tokenizer)
     model = build_model(cfg, len(tokenizer))
-    stats = train(model, tokenizer, pairs, cfg)
+    stats = train(model, tokenizer, pairs, cfg, progress)
     stats.update(
         seconds=round(time.perf_counter() - t0, 1),
         cpu_seconds=round(time.process_time() - cpu0, 1),
@@ -226,7 +226,8 @@ def build_model(cfg: WarmStartConfig, vocab_size: int) -> MarianMTModel:
 
 
 def train(
-    model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]], cfg: WarmStartConfig
+    model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]], cfg: WarmStartConfig,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Supervised cross-entropy training for ``cfg.max_steps`` steps (or ``cfg.max_minutes``)."""
     src = tokenizer([s for s, _ in pairs], truncation=True, max_length=cfg.max_length)["input_ids"]
@@ -247,7 +248,7 @@ def train(
     model.train()
     start = time.perf_counter()
     tokens, loss_ema, step = 0, None, 0
-    bar = tqdm(total=cfg.max_steps, desc="warm start", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, desc="warm start", unit="step", dynamic_ncols=True, disable=not progress)
     for step in range(1, cfg.max_steps + 1):
         input_ids, attention_mask, decoder_input_ids, labels = collate([examples[i] for i in next(batches)])
         logits = model(

@@ -164,7 +164,8 @@ def test_ppo_with_r3hf_rewards(scorer, tiny_seq2seq, small_data, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["seq2seq", "causal"])
-def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tiny_causal, small_data, tmp_path):
+def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tiny_causal, small_data, tmp_path,
+                                                          capsys):
     run = tmp_path / "run"
     model = tiny_seq2seq if kind == "seq2seq" else tiny_causal
     recipe = tiny_recipe(model, small_data, run, algorithm={"name": "qsft"},
@@ -172,6 +173,7 @@ def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tin
                                   "qsft": {"max_steps": 2, "batch_size": 4, "sft_steps": 1, "logging_steps": 1}})
     results = train(recipe_from_dict(recipe), quiet=True)
     assert {"before", "after"} <= set(results) and "chrf" in results["after"]
+    assert "sample" not in capsys.readouterr().err  # quiet: no progress bars from sampling or labelling either
     labelled = [json.loads(line) for line in (run / "offline" / "labelled.jsonl").read_text().splitlines()]
     assert len(labelled) <= 8 and all(len(r["token_ids"]) == len(r["token_rewards"]) for r in labelled)
     assert (run / "final" / "q_model" / "config.json").exists() and (run / "final" / "behaviour").exists()
