@@ -51,7 +51,7 @@ def broadcast_sdpa_mask(batch_size: int, cache_position: torch.Tensor, kv_length
     device = cache_position.device
     batch = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
     head = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    query = cache_position.view(1, 1, -1, 1)
+    query = cache_position.reshape(1, 1, -1, 1)
     key = (torch.arange(kv_length, device=device) + kv_offset).view(1, 1, 1, -1)
     mask = mask_function(batch, head, query, key)
     return mask.expand(batch_size, 1, query.shape[2], kv_length)
