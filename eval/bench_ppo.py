@@ -95,31 +95,37 @@ def bench_rollout(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tok
             "rollout_vs_generate": t_plain / t_roll}
 
 
-def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens: int = 40) -> dict[str, float]:
+def ppo_stepper(model_dir: Path, algo: AlgorithmConfig, gen: GenerationConfig, min_new_tokens: int | None = None):
+    """``step(rewarder, sources, references, samples_per_prompt)``: one PPO step (rollout, KL 0.05, update) of a
+    fresh policy from ``model_dir``, with the rewarder's caches cleared so every step scores afresh."""
     from accelerate import Accelerator
 
     from mtrl.algorithms import ppo
 
     policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    if min_new_tokens:
+        policy.model.generation_config.min_new_tokens = min_new_tokens
     reference = ReferencePolicy(policy)
-    algo = AlgorithmConfig(batch_size=batch, minibatch_size=16, epochs=2)
-    gen = GenerationConfig(max_new_tokens=new_tokens)
     accelerator = Accelerator(cpu=True)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    wrapped, opt = accelerator.prepare(policy, opt)
-    sources, refs = [p[0] for p in pairs[:batch]], [p[1] for p in pairs[:batch]]
-    rewarders = {mode: CachedRewarder(load_detector("reference"), RewardConfig(mode=mode)) for mode in ("token", "r3hf")}
+    wrapped, opt = accelerator.prepare(policy, torch.optim.AdamW(policy.parameters(), lr=algo.lr))
 
-    def step(mode: str) -> None:
-        rw = rewarders[mode]
-        rw.cache.clear()
-        if rw.redistributor is not None:
-            rw.redistributor.cache.clear()
-        ro = collect_rollout(policy, reference, rw, sources, refs, gen)
+    def step(rewarder: CachedRewarder, sources, references, samples_per_prompt: int = 1) -> None:
+        rewarder.cache.clear()
+        if rewarder.redistributor is not None:
+            rewarder.redistributor.cache.clear()
+        ro = collect_rollout(policy, reference, rewarder, sources, references, gen, samples_per_prompt)
         kl = ppo.kl_penalty(ro.logprobs, ro.ref_logprobs) * ro.response_mask
-        ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, 1.0)
+        ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, gen.temperature)
 
-    t_token, t_r3hf = median_times([lambda: step("token"), lambda: step("r3hf")], repeats)
+    return step
+
+
+def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens: int = 40) -> dict[str, float]:
+    step = ppo_stepper(model_dir, AlgorithmConfig(batch_size=batch, minibatch_size=16, epochs=2),
+                       GenerationConfig(max_new_tokens=new_tokens))
+    sources, refs = [p[0] for p in pairs[:batch]], [p[1] for p in pairs[:batch]]
+    token, r3hf = (CachedRewarder(load_detector("reference"), RewardConfig(mode=m)) for m in ("token", "r3hf"))
+    t_token, t_r3hf = median_times([lambda: step(token, sources, refs), lambda: step(r3hf, sources, refs)], repeats)
     return {"ppo_step_token_s": t_token, "ppo_step_r3hf_s": t_r3hf, "r3hf_vs_token_step": t_r3hf / t_token}
 
 
@@ -174,35 +180,20 @@ def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens
 def ppo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24) -> list[float]:
     """Seconds of PPO steps on the same completions per step (2 sources x 4 samples), length and reward as GRPO's;
     one optimiser step (epochs=1, one minibatch)."""
-    from accelerate import Accelerator
-
-    from mtrl.algorithms import ppo
-
-    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
-    policy.model.generation_config.min_new_tokens = new_tokens
-    reference = ReferencePolicy(policy)
+    step = ppo_stepper(model_dir, AlgorithmConfig(batch_size=n, minibatch_size=n, epochs=1, lr=1e-5),
+                       GenerationConfig(max_new_tokens=new_tokens), min_new_tokens=new_tokens)
     rewarder = CachedRewarder(load_detector("reference"), RewardConfig(mode="sentence"))
-    algo = AlgorithmConfig(batch_size=n, minibatch_size=n, epochs=1, lr=1e-5)
-    gen = GenerationConfig(max_new_tokens=new_tokens)
-    accelerator = Accelerator(cpu=True)
-    opt = torch.optim.AdamW(policy.parameters(), lr=algo.lr)
-    wrapped, opt = accelerator.prepare(policy, opt)
-    sources = [p[0] for p in pairs[: n // 4]]
-    references = [p[1] for p in pairs[: n // 4]]
+    sources, references = [p[0] for p in pairs[: n // 4]], [p[1] for p in pairs[: n // 4]]
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        rewarder.cache.clear()
-        ro = collect_rollout(policy, reference, rewarder, sources, references, gen, samples_per_prompt=4)
-        kl = ppo.kl_penalty(ro.logprobs, ro.ref_logprobs) * ro.response_mask
-        ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, 1.0)
+        step(rewarder, sources, references, samples_per_prompt=4)
         times.append(time.perf_counter() - t0)
     return times[1:]
 
 
 def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
-    """PPO steps before and after the GRPO run (a process runs slower after a Trainer has run in it: both
-    orders are timed and pooled)."""
+    """PPO steps timed before and after the GRPO runs and pooled, so that neither order is favoured."""
     ppo_times = ppo_step_times(model_dir, pairs, repeats)
     grpo_times = grpo_step_times(model_dir, pairs, repeats)
     grpo_ours = grpo_step_times(model_dir, pairs, repeats, broadcast_masks=True)
@@ -216,21 +207,12 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
 
 
 def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:
-    """The test fixture's tiny Qwen2 shape with a BPE vocabulary of ``vocab_size`` trained on Multi30k."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """The causal test model (tests/fixtures) with a BPE vocabulary of ``vocab_size`` trained on ``pairs``."""
     from mtrl.warmstart import train_tokenizer
 
     tok = train_tokenizer([t for p in pairs for t in p], vocab_size)
     tok.backend_tokenizer.post_processor = None  # no EOS after the prompt
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None)
-    Qwen2ForCausalLM(config).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return build_tiny_causal(out_dir, chat=False, tokenizer=tok)
 
 
 def main() -> None:

@@ -3,9 +3,10 @@
 With a left-padded batch (every batch of prompts of different lengths) transformers
 4.x builds the 4-D attention mask at every forward, so at every generated token,
 by running the mask function under four nested ``torch.vmap`` calls
-(``masking_utils.sdpa_mask_recent_torch``). That is pure Python overhead, a few
-milliseconds per call whatever the model size: on the tiny causal test model it
-makes sampling 8 x 24 tokens ~1.8x slower than the same prompts without padding.
+(``masking_utils.sdpa_mask_recent_torch``). That is Python overhead, ~4.5 ms per
+generated token on this 2-core CPU: sampling 8 x 24 tokens from 2 prompts of
+different lengths with the tiny causal test model took 157 ms with it, 49 ms with
+the mask below (same tokens).
 
 The mask functions transformers composes (causal, sliding window, chunked,
 padding, packed sequences) are elementwise comparisons and indexing, so they give

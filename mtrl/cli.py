@@ -186,7 +186,6 @@ def add_score_parser(sub: Any) -> None:
 
 # --------------------------------------------------------------------------- label
 def cmd_label(args: argparse.Namespace) -> int:
-
     from mtrl.label import label, print_summary, read_mt_outputs, sample_rows
     from mtrl.rewards import RewardConfig
 
@@ -272,7 +271,6 @@ def add_train_parser(sub: Any) -> None:
 
 # --------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-
     from mtrl.evaluate import EVAL_METRICS, evaluate_systems, format_markdown
     from mtrl.io import atomic_open, read_lines
 

@@ -83,8 +83,8 @@ class CachedRewarder:
         if self.detector.needs_reference and any(r is None for r in refs):
             raise MtrlError(f"the {self.detector.name} detector needs references; the data has none")
         keys = list(zip(sources, hypotheses, refs))
-        n_cached = sum(k in self.cache for k in keys)
-        self.hits, self.misses = self.hits + n_cached, self.misses + len(keys) - n_cached
+        n_new = len({k for k in keys if k not in self.cache})  # repeats within the batch are detected once
+        self.hits, self.misses = self.hits + len(keys) - n_new, self.misses + n_new
         return _cached(self.cache, keys, lambda s, h, r: self.detector.detect(
             s, h, None if all(x is None for x in r) else r))
 
@@ -100,10 +100,11 @@ class CachedRewarder:
         """Per-token rewards (B, T) for the responses, plus their texts and detections."""
         texts, offsets, lengths = decode_responses(tokenizer, responses, mask)
         rewards = torch.zeros(responses.shape, dtype=torch.float32)
+        # the scorer sees references when the recipe uses them or it cannot do without
+        scorer_refs = references if (self.scorer is not None and
+                                     (self.use_reference or self.scorer.needs_reference)) else None
         if self.config.mode == "r3hf":  # prefix-score differences; the full score stands in for spans
-            needs_ref = self.use_reference or self.scorer.needs_reference
-            refs = references if needs_ref else None
-            per_token, full = self.redistributor(sources, texts, offsets, refs)
+            per_token, full = self.redistributor(sources, texts, offsets, scorer_refs)
             for i, (r, n) in enumerate(zip(per_token, lengths)):
                 rewards[i, :n] = torch.tensor(r[:n], dtype=torch.float32)
             detections = [Detection([], s) for s in full]
@@ -112,8 +113,7 @@ class CachedRewarder:
         sentence: list[float | None] = [None] * len(texts)  # None: hybrid adds the detector's own score
         dense = None
         if self.redistributor is not None:  # hybrid, the scorer's score spread over the tokens (R3HF)
-            needs_ref = self.use_reference or self.scorer.needs_reference
-            dense, _ = self.redistributor(sources, texts, offsets, references if needs_ref else None)
+            dense, _ = self.redistributor(sources, texts, offsets, scorer_refs)
             sentence = [0.0] * len(texts)  # nothing more on the last token
         elif self.scorer is not None:  # hybrid, the scorer's score on the last token
             sentence = self.sentence_scores(sources, texts, references)

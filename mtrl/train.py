@@ -16,6 +16,7 @@ and exits; a second Ctrl-C aborts at once (the last checkpoint stays valid).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -285,10 +286,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: 
         det_opts = {"path": recipe.detector.path}
     detector = load_detector(recipe.detector.name, **det_opts, **recipe.detector.options)
     rc = recipe.reward
-    reward_cfg = RewardConfig(mode=rc.mode, severity_map=rc.severity_map, token_rewards=rc.token_rewards,
-                              no_error=rc.no_error, hybrid_weight=rc.hybrid_weight, scorer=rc.scorer,
-                              scorer_model=rc.scorer_model, r3hf_level=rc.r3hf_level,
-                              hybrid_sentence=rc.hybrid_sentence)
+    # every RewardConfig field comes from the recipe's reward section (which also holds `scale`)
+    reward_cfg = RewardConfig(**{f.name: getattr(rc, f.name) for f in dataclasses.fields(RewardConfig) if f.init})
     rewarder = CachedRewarder(detector, reward_cfg, rc.scale, use_reference=recipe.detector.use_reference)
 
     # 3. policy, reference, optimiser
@@ -436,4 +435,5 @@ def print_summary(results: dict[str, Any], run_dir: str) -> None:
             for k in ("before", "after") if k in results}
     if rows:
         print(format_table(rows))
-    print(f"run directory: {run_dir} (eval.json, metrics.jsonl, final/, checkpoints/)")
+    held = [n for n in ("eval.json", "metrics.jsonl", "final/", "checkpoints/", "offline/") if (Path(run_dir) / n).exists()]
+    print(f"run directory: {run_dir} ({', '.join(held)})")

@@ -89,3 +89,13 @@ def test_cli_takes_overrides_after_options(capsys):
     with pytest.raises(SystemExit):
         main(["train", quickstart, "--quiet", "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_reward_section_carries_every_reward_config_field():
+    """train builds RewardConfig from the recipe's reward section field by field: none may be missing."""
+    from dataclasses import fields
+
+    from mtrl.recipe import RewardSection
+    from mtrl.rewards import RewardConfig
+
+    assert {f.name for f in fields(RewardConfig) if f.init} <= {f.name for f in fields(RewardSection)}

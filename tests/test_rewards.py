@@ -310,3 +310,18 @@ def test_rewarder_hybrid_with_chrf(where):
         else:  # spread: more than one token carries part of it
             assert int((extra.abs() > 1e-6).sum()) > 1
     assert any(d.spans for d in detections)  # the detector's spans are really in there
+
+
+def test_rewarder_cache_counts_a_repeat_within_a_batch_as_a_hit():
+    from mtrl.detectors import load_detector
+    from mtrl.rollout import CachedRewarder
+
+    rewarder = CachedRewarder(load_detector("reference"), RewardConfig())
+    calls = []
+    detect = rewarder.detector.detect
+    rewarder.detector.detect = lambda s, h, r: calls.append(len(h)) or detect(s, h, r)
+    src, hyp, ref = ["A dog."] * 3, ["Ein Hund.", "Ein Hund.", "Eine Katze."], ["Ein Hund."] * 3
+    rewarder.detect(src, hyp, ref)
+    assert calls == [2] and (rewarder.hits, rewarder.misses) == (1, 2)  # the repeat is detected once
+    rewarder.detect(src[:1], hyp[:1], ref[:1])
+    assert calls == [2] and (rewarder.hits, rewarder.misses) == (2, 2)

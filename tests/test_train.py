@@ -204,3 +204,12 @@ def test_grpo_refuses_seq2seq(tiny_seq2seq, small_data, tmp_path):
     recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path / "r", algorithm={"name": "grpo", "samples_per_prompt": 2})
     with pytest.raises(MtrlError, match="needs a causal"):
         train(recipe_from_dict(recipe), quiet=True)
+
+
+def test_summary_names_only_what_the_run_directory_holds(tmp_path, capsys):
+    from mtrl.train import print_summary
+
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "offline").mkdir()
+    print_summary({}, str(tmp_path))
+    assert capsys.readouterr().out.strip() == f"run directory: {tmp_path} (eval.json, offline/)"

@@ -231,10 +231,11 @@ class ReferenceDetector(Detector):
             omission has no place in the hypothesis). A left-out function word costs
             ``omission_weight`` times minor/major of the severity map (1/5 for WMT MQM), as
             a wrong function word is minor where a wrong content word is major: without it
-            a policy learns to drop articles and prepositions, which costs nothing. 0 by default: on the MQM dev slice
-            left-over reference words mostly mean paraphrase. For RL it matters: a
-            precision-only score is maximised by dropping words, so training recipes set it
-            (with ``reward.mode: hybrid``) to make leaving content out cost as much as an error.
+            a policy learns to drop articles and prepositions, which costs nothing. 0 by
+            default: on the MQM dev slice left-over reference words mostly mean paraphrase.
+            For RL it matters: a precision-only score is maximised by dropping words, so
+            training recipes set it (with ``reward.mode: hybrid``) to make leaving content
+            out cost as much as an error.
         """
         if fuzzy_prefix < 1:
             raise MtrlError(f"reference detector: fuzzy_prefix must be >= 1, got {fuzzy_prefix}")
