@@ -59,7 +59,8 @@ def run_qsft(recipe: Recipe, model_path: str, train_pairs, eval_pairs, rewarder:
     run_dir = Path(recipe.run_dir)
     rows = offline_rows(recipe, model_path, train_pairs, rewarder, run_dir, log, quiet)
     level = "sentence" if recipe.reward.mode == "sentence" else "token"
-    cfg = QSFTConfig(**{"reward_level": level, "seed": recipe.seed, **recipe.offline.qsft},
+    sampled_at = {} if recipe.offline.data else {"temperature": recipe.offline.temperature}
+    cfg = QSFTConfig(**{"reward_level": level, "seed": recipe.seed, **sampled_at, **recipe.offline.qsft},
                      policy=recipe.policy, src_lang=recipe.data.src_lang, tgt_lang=recipe.data.tgt_lang)
     log(f"mtrl: Q-SFT on {len(rows)} labelled rows ...")
     q_dir = train_qsft(model_path, rows, run_dir / "final", cfg)
@@ -96,7 +97,8 @@ def evaluate_qsft(q_dir: Path, behaviour_dir: Path, cfg: Any, pairs, recipe: Rec
         idx = order[i:i + gen.eval_batch_size]
         out = qsft_translate(q_model, behaviour, tok, [sources[j] for j in idx], beta=cfg.beta,
                              max_new_tokens=gen.max_new_tokens, num_beams=gen.eval_num_beams,
-                             policy_config=recipe.policy, src_lang=recipe.data.src_lang, tgt_lang=recipe.data.tgt_lang)
+                             policy_config=recipe.policy, src_lang=recipe.data.src_lang, tgt_lang=recipe.data.tgt_lang,
+                             temperature=cfg.temperature)
         for j, t in zip(idx, out):
             hyps[j] = t.strip()
     return score_translations(sources, hyps, refs, rewarder)

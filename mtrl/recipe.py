@@ -142,7 +142,7 @@ class OfflineConfig:
     data: str | None = None  # JSONL from `mtrl label` (token_ids, token_rewards); null: sample + label here
     num_sources: int = 500  # sources taken from data.train to sample from
     samples_per_source: int = 4
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature; Q-SFT then reads π_β (and p_θ) at it
     qsft: dict[str, Any] = field(default_factory=dict)  # mtrl.algorithms.qsft.QSFTConfig fields
 
 
@@ -192,6 +192,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        others = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(others) == 1:  # X | None: X's own message says what is wrong
+            return _convert(value, others[0], where)
         errors = []
         for arg in typing.get_args(tp):
             try:

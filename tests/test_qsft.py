@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,12 +20,16 @@ from mtrl.algorithms.qsft import (
     build_features,
     combine_logprobs,
     make_trainer,
+    monte_carlo_targets,
     polyak_update,
     qsft_loss,
     qsft_translate,
     rescale_rewards,
+    resolve_return_range,
+    token_logits,
     train_qsft,
 )
+from mtrl.errors import MtrlError
 
 
 def logits_of(probs: list[list[list[float]]]) -> torch.Tensor:
@@ -113,11 +118,49 @@ def test_whole_vocabulary_max_ratio_is_never_below_one():
 
 
 def test_rescale_rewards():
-    cfg = QSFTConfig(penalty_cap=25.0)
-    assert rescale_rewards([0.0, -1.0, -5.0, 0.0], None, cfg) == pytest.approx([0.0, -0.04, -0.2, 1.0])
-    sent = QSFTConfig(reward_level="sentence", score_range=(0.0, 100.0))
-    assert rescale_rewards([0.0, -5.0, 0.0], 80.0, sent) == pytest.approx([0.0, 0.0, 0.8])
-    assert rescale_rewards([0.0, 0.0], 130.0, sent) == pytest.approx([0.0, 1.0])
+    # token level, returns in [-25, 0]: r / 25, plus 1 on the last token
+    assert rescale_rewards([0.0, -1.0, -5.0, 0.0], None, "token", (-25.0, 0.0)) == \
+        pytest.approx([0.0, -0.04, -0.2, 1.0])
+    # rewards of either sign (chrF-like, returns in [0, 100]): the return 80 maps to 0.8
+    out = rescale_rewards([10.0, 50.0, -5.0, 25.0], None, "token", (0.0, 100.0))
+    assert out == pytest.approx([0.1, 0.5, -0.05, 0.25]) and sum(out) == pytest.approx(0.8)
+    assert rescale_rewards([0.0, -5.0, 0.0], 80.0, "sentence", (0.0, 100.0)) == pytest.approx([0.0, 0.0, 0.8])
+    assert rescale_rewards([0.0, 0.0], 130.0, "sentence", (0.0, 100.0)) == pytest.approx([0.0, 1.0])
+
+
+def test_return_range_from_the_data_or_the_config():
+    rows = [{"token_rewards": [0.0, -5.0, -1.0], "score": 0.2}, {"token_rewards": [-30.0, 0.0], "score": 0.9},
+            {"token_rewards": [0.0], "score": 0.5}]
+    assert resolve_return_range(rows, QSFTConfig()) == (-30.0, 0.0)
+    assert resolve_return_range(rows, QSFTConfig(reward_level="sentence")) == (0.2, 0.9)
+    assert resolve_return_range(rows, QSFTConfig(return_range=(-25.0, 0.0))) == (-25.0, 0.0)
+    assert resolve_return_range(rows[:1], QSFTConfig()) == (-6.0, -5.0)  # one return: a unit range, no 0/0
+    # each row's rescaled return then lies in [0, 1], the lowest at 0 and the highest at 1
+    lo_hi = resolve_return_range(rows, QSFTConfig())
+    assert [sum(rescale_rewards(r["token_rewards"], None, "token", lo_hi)) for r in rows] == \
+        pytest.approx([1 - 6 / 30, 0.0, 1.0])
+    with pytest.raises(MtrlError, match="needs a 'score'"):
+        resolve_return_range([{"token_rewards": [0.0]}], QSFTConfig(reward_level="sentence"))
+
+
+def test_config_errors_name_the_key():
+    for kwargs, words in [({"target": "td"}, "allowed: bellman, monte_carlo"), ({"return_range": (1.0, 0.0)},
+                          "return_range"), ({"temperature": 0.0}, "temperature"), ({"tau": 2.0}, "tau")]:
+        with pytest.raises(MtrlError, match=words):
+            QSFTConfig(**kwargs)
+
+
+def test_monte_carlo_targets_by_hand():
+    rewards = torch.tensor([[0.1, -0.2, 0.5, 9.0], [0.3, 0.9, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    w = monte_carlo_targets(rewards, mask, gamma=0.5)
+    expected = torch.tensor([
+        [0.1 + 0.5 * (-0.2 + 0.5 * 0.5), -0.2 + 0.5 * 0.5, 0.5, 0.0],  # padding's 9.0 never counts
+        [0.3 + 0.5 * 0.9, 0.9, 0.0, 0.0],
+    ])
+    assert torch.allclose(w, expected, atol=1e-6)
+    assert monte_carlo_targets(torch.tensor([[0.5, 0.9]]), torch.ones(1, 2), 1.0)[0, 0].item() == 1.0  # clamp
+    assert monte_carlo_targets(torch.tensor([[-0.5, 0.2]]), torch.ones(1, 2), 1.0)[0, 0].item() == 0.0
 
 
 # ------------------------------------------------------------------ Polyak, extraction
@@ -183,14 +226,16 @@ def test_seq2seq_train_and_translate(tiny_seq2seq: Path, tmp_path: Path):
     out = qsft_translate(q, beh, tok_b, sources, beta=1.0, max_new_tokens=6, num_beams=2)
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
-    # the processor adds β log p_θ of the right prefix (encoder outputs reused)
+    # the processor adds β log p_θ of the right prefix (encoder outputs reused), both read at the temperature
     enc = tok_b(sources, return_tensors="pt", padding=True)
-    proc = QSFTLogitsProcessor(q, 0.7, "seq2seq", enc.input_ids, enc.attention_mask)
     prefix = plain[:, :3]
     with torch.no_grad():
         b_logits = beh(**enc, decoder_input_ids=prefix).logits[:, -1]
         q_logits = q(**enc, decoder_input_ids=prefix).logits[:, -1]
-    assert torch.allclose(proc(prefix, b_logits), combine_logprobs(b_logits, q_logits, 0.7), atol=1e-4)
+    for temp in (1.0, 0.5):
+        proc = QSFTLogitsProcessor(q, 0.7, "seq2seq", enc.input_ids, enc.attention_mask, temperature=temp)
+        assert torch.allclose(proc(prefix, b_logits), combine_logprobs(b_logits / temp, q_logits / temp, 0.7),
+                              atol=1e-4)
 
 
 def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: Path):
@@ -198,7 +243,7 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
 
     model, tok, kind = load_model_and_tokenizer(str(tiny_causal))
     policy = Policy(model, tok, kind)
-    cfg = QSFTConfig(lr=1e-3, max_steps=3, batch_size=2, tau=0.3, logging_steps=1)
+    cfg = QSFTConfig(lr=1e-3, max_steps=3, batch_size=2, tau=0.3, logging_steps=1, return_range=(-25.0, 0.0))
     feats = build_features(make_rows(tok, "causal"), policy, cfg)
     # prompt tokens never count: labels are -100 exactly on the prompt, rewards sit on the hypothesis
     n_prompt = len(policy.encode_sources([SRC_MT[0][0]])[0][0])
@@ -211,6 +256,15 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
     target, behaviour = copy.deepcopy(model), copy.deepcopy(model)
     trainer = make_trainer(model, tok, kind, feats, cfg, tmp_path, cfg.max_steps, cfg.lr,
                            target_model=target, behaviour_model=behaviour)
+    # the loss reads all three models at the rows' temperature; at the start p_θ̄ = π_β, so every ratio is 1
+    trainer.qsft_cfg = dataclasses.replace(cfg, temperature=0.5)
+    with torch.no_grad():
+        logits, targets, mask, rewards = token_logits(model, batch, kind)
+        logits = logits / 0.5
+        weights = torch.cat([(rewards[:, :-1] + mask[:, 1:]).clamp(0, 1), rewards[:, -1:].clamp(0, 1)], 1) * mask
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(
+            qsft_loss(logits, targets, weights, mask).item(), rel=1e-5)
+    trainer.qsft_cfg = cfg
     trainer.train()
     assert trainer.state.global_step == 3
     online, tgt = flat(model), flat(target)

@@ -49,11 +49,11 @@ def test_bool_is_not_a_number():
 def test_qsft_options_are_typed_like_every_key():
     """offline.qsft is a mapping of QSFTConfig fields: its values are checked and converted too."""
     qsft = {**BASE, "algorithm": {"name": "qsft"}}
-    r = recipe_from_dict(qsft, ["offline.qsft.lr=3e-4", "offline.qsft.score_range=[-25, 0]"])
+    r = recipe_from_dict(qsft, ["offline.qsft.lr=3e-4", "offline.qsft.return_range=[-25, 0]"])
     assert r.offline.qsft["lr"] == 3e-4  # YAML 1.1 reads 3e-4 as a string
-    assert r.offline.qsft["score_range"] == (-25.0, 0.0)
+    assert r.offline.qsft["return_range"] == (-25.0, 0.0)
     for override, message in [("offline.qsft.batch_size=many", "offline.qsft.batch_size: expected int, got 'many'"),
-                              ("offline.qsft.score_range=[1]", "offline.qsft.score_range: expected a list of 2"),
+                              ("offline.qsft.return_range=[1]", "offline.qsft.return_range: expected a list of 2"),
                               ("offline.qsft.reward_level=span", "offline.qsft.reward_level: 'span' is not allowed")]:
         with pytest.raises(MtrlError) as e:
             recipe_from_dict(qsft, [override])

@@ -36,15 +36,20 @@ abstract, a third-party review and a third-party blog derivation were):
   ``support_topk`` (default 5) therefore takes the max only over the k actions
   most likely under π_β (a behaviour-support constraint, our choice);
   ``support_topk=None`` gives the literal whole-vocabulary equation;
-* reward rescaling into [0, 1] (the targets are probabilities):
-  - ``reward_level="token"``: the rows' token rewards are span penalties r ≤ 0
-    (mtrl.rewards with ``no_error=0``). r'_t = r_t / penalty_cap, plus 1 on the
-    last token, so the undiscounted return is 1 + Σ r_t / penalty_cap: an
-    MQM-style score (1 for no errors, 0 at ``penalty_cap`` = 25 penalty points,
-    clipped there by the clamp). Error-free tokens earn 0, so longer
-    outputs are not rewarded for their length;
-  - ``reward_level="sentence"``: r'_last = clip((score - lo) / (hi - lo), 0, 1)
-    with ``score_range=(lo, hi)``, 0 elsewhere;
+* reward rescaling into [0, 1] (the targets are probabilities): a row's return G
+  (the sum of its token rewards; at ``reward_level="sentence"`` its score, put on
+  the last token) maps affinely from ``return_range=(lo, hi)`` onto [0, 1]:
+  r'_t = r_t / (hi - lo), plus -lo / (hi - lo) on the last token (exact for
+  γ = 1), clipped by the clamp. ``None`` takes the dataset's lowest and highest
+  return. For the detector's span penalties (r ≤ 0, ``no_error=0``) the offline
+  quickstart uses (-25, 0): an MQM-style score, 1 for no errors and 0 at 25
+  penalty points, so error-free tokens earn 0 and length is not rewarded;
+* ``temperature``: rows sampled at T come from softmax(logits / T), so π_β, p_θ
+  and p_θ̄ are all read at T (the loss and the extraction divide the logits by
+  T): π_β is then the sampling distribution and p_θ starts equal to it (ratio 1);
+* ``target="monte_carlo"`` replaces the bootstrap by the row's own discounted
+  return-to-go, clamped (Q of π_β rather than Q*: no target copy, one forward
+  pass per step). Not in the paper; a baseline that isolates the bootstrap;
 * the loss is averaged over valid target tokens of the batch (padding and
   prompt tokens never count; a forced target-language token of NLLB-type models
   is not a choice and is not trained either); ``num_items_in_batch`` is ignored;
@@ -86,8 +91,11 @@ class QSFTConfig:
     sft_lr: float | None = None  # defaults to lr
     support_topk: int | None = 5  # max of the ratio over π_β's top-k actions; None: whole vocabulary
     reward_level: Literal["token", "sentence"] = "token"
-    penalty_cap: float = 25.0  # token level: total penalty that maps to return 0
-    score_range: tuple[float, float] = (0.0, 1.0)  # sentence level: scores mapped affinely to [0, 1]
+    # the returns (sum of a row's token rewards; its score at sentence level) that map to 0 and 1; None: the
+    # dataset's lowest and highest return
+    return_range: tuple[float, float] | None = None
+    temperature: float = 1.0  # the rows' sampling temperature: every model is read as softmax(logits / T)
+    target: Literal["bellman", "monte_carlo"] = "bellman"
     seed: int = 0
     logging_steps: int = 10
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # prompt / language codes (model is ignored)
@@ -99,8 +107,12 @@ class QSFTConfig:
             raise MtrlError(f"qsft reward_level: unknown value {self.reward_level!r}; allowed: token, sentence")
         if not 0.0 <= self.tau <= 1.0 or not 0.0 <= self.gamma <= 1.0:
             raise MtrlError(f"qsft: tau and gamma must lie in [0, 1], got tau={self.tau}, gamma={self.gamma}")
-        if self.penalty_cap <= 0 or self.score_range[1] <= self.score_range[0]:
-            raise MtrlError("qsft: penalty_cap must be > 0 and score_range must be (lo, hi) with hi > lo")
+        if self.target not in ("bellman", "monte_carlo"):
+            raise MtrlError(f"qsft target: unknown value {self.target!r}; allowed: bellman, monte_carlo")
+        if self.return_range is not None and self.return_range[1] <= self.return_range[0]:
+            raise MtrlError(f"qsft: return_range must be (lo, hi) with hi > lo, got {self.return_range}")
+        if self.temperature <= 0:
+            raise MtrlError(f"qsft: temperature must be > 0, got {self.temperature}")
 
 
 # ---------------------------------------------------------------------------- the maths
@@ -141,6 +153,18 @@ def bellman_targets(rewards: torch.Tensor, target_logits: torch.Tensor, behaviou
 
 
 @torch.no_grad()
+def monte_carlo_targets(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """w_t = clamp(Σ_{k>=t} γ^(k-t) r_k, 0, 1): the row's own return-to-go (Q of π_β, no bootstrap)."""
+    r = rewards.float() * mask.float()
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        running = r[:, t] + gamma * running
+        out[:, t] = running
+    return out.clamp(0.0, 1.0) * mask.float()
+
+
+@torch.no_grad()
 def polyak_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """θ̄ ← (1-τ) θ̄ + τ θ, parameter by parameter (buffers copied)."""
     for pt, po in zip(target.parameters(), online.parameters(), strict=True):
@@ -154,18 +178,41 @@ def combine_logprobs(behaviour_logits: torch.Tensor, q_logits: torch.Tensor, bet
     return F.log_softmax(behaviour_logits.float(), -1) + beta * F.log_softmax(q_logits.float(), -1)
 
 
-def rescale_rewards(token_rewards: Sequence[float], score: float | None, cfg: QSFTConfig) -> list[float]:
-    """Rewards into the [0, 1] return scale that the probability targets need (see the module docstring)."""
+def row_return(row: dict, level: str) -> float:
+    """A row's return before rescaling: its score (sentence level) or the sum of its token rewards."""
+    if level == "sentence":
+        if row.get("score") is None:
+            raise MtrlError("qsft: reward_level 'sentence' needs a 'score' in every row")
+        return float(row["score"])
+    return float(sum(row["token_rewards"]))
+
+
+def resolve_return_range(rows: Sequence[dict], cfg: QSFTConfig) -> tuple[float, float]:
+    """``cfg.return_range``, or the lowest and highest return in the rows."""
+    if cfg.return_range is not None:
+        return float(cfg.return_range[0]), float(cfg.return_range[1])
+    returns = [row_return(r, cfg.reward_level) for r in rows]
+    lo, hi = min(returns), max(returns)
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def rescale_rewards(token_rewards: Sequence[float], score: float | None, level: str,
+                    return_range: tuple[float, float]) -> list[float]:
+    """Rewards on the [0, 1] return scale that the probability targets need (see the module docstring).
+
+    Token level: r'_t = r_t / (hi - lo), plus -lo / (hi - lo) on the last token, so the undiscounted return
+    maps affinely from [lo, hi] onto [0, 1]; sentence level: the rescaled score on the last token.
+    """
+    lo, hi = return_range
     n = len(token_rewards)
-    if cfg.reward_level == "sentence":
+    if level == "sentence":
         if score is None:
             raise MtrlError("qsft: reward_level 'sentence' needs a 'score' in every row")
-        lo, hi = cfg.score_range
         out = [0.0] * n
         out[-1] = min(1.0, max(0.0, (float(score) - lo) / (hi - lo)))
         return out
-    out = [float(r) / cfg.penalty_cap for r in token_rewards]
-    out[-1] += 1.0
+    out = [float(r) / (hi - lo) for r in token_rewards]
+    out[-1] += -lo / (hi - lo)
     return out
 
 
@@ -182,7 +229,10 @@ def build_features(rows: Sequence[dict], policy: Any, cfg: QSFTConfig) -> list[d
         ids = [int(t) for t in row["token_ids"]]
         if not ids or len(ids) != len(row["token_rewards"]):
             raise MtrlError(f"qsft row {i}: token_ids and token_rewards must be non-empty and of equal length")
-        rewards = rescale_rewards(row["token_rewards"], row.get("score"), cfg)
+    return_range = resolve_return_range(rows, cfg)
+    for row in rows:
+        ids = [int(t) for t in row["token_ids"]]
+        rewards = rescale_rewards(row["token_rewards"], row.get("score"), cfg.reward_level, return_range)
         query = policy.encode_sources([row["src"]])[0][0].tolist()
         if policy.kind == "seq2seq":
             labels = list(ids)
@@ -251,15 +301,19 @@ class _QSFTLoss:
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let Trainer divide by grad_accum
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg, temp = self.qsft_cfg, self.qsft_cfg.temperature
         logits, targets, mask, rewards = token_logits(model, inputs, self.qsft_kind)
-        if self.target_model is None:
+        logits = logits / temp
+        if self.target_model is None and self.behaviour_model is None:
             weights = mask.float()
+        elif cfg.target == "monte_carlo":
+            weights = monte_carlo_targets(rewards, mask, cfg.gamma)
         else:
             with torch.no_grad():
-                target_logits = token_logits(self.target_model, inputs, self.qsft_kind)[0]
-                behaviour_logits = token_logits(self.behaviour_model, inputs, self.qsft_kind)[0]
-            weights = bellman_targets(rewards, target_logits, behaviour_logits, mask, self.qsft_cfg.gamma,
-                                      self.qsft_cfg.support_topk)
+                target_logits = token_logits(self.target_model, inputs, self.qsft_kind)[0] / temp
+                behaviour_logits = token_logits(self.behaviour_model, inputs, self.qsft_kind)[0] / temp
+            weights = bellman_targets(rewards, target_logits, behaviour_logits, mask, cfg.gamma, cfg.support_topk)
+        if self.behaviour_model is not None:
             self._target_means.append(float(weights.sum() / mask.sum().clamp(min=1)))
         loss = qsft_loss(logits, targets, weights, mask)
         return (loss, CausalLMOutput(loss=loss, logits=logits)) if return_outputs else loss
@@ -350,7 +404,7 @@ def train_qsft(model_path: str, rows: list[dict], out_dir: Path, config: QSFTCon
                      config.sft_lr or config.lr).train()
     behaviour.eval().requires_grad_(False)
 
-    target = copy.deepcopy(model)
+    target = copy.deepcopy(model) if config.target == "bellman" else None  # Monte Carlo targets need no copy
     trainer = make_trainer(model, tok, kind, features, config, out_dir / "qsft_run", config.max_steps, config.lr,
                            target_model=target, behaviour_model=behaviour)
     trainer.train()
@@ -369,8 +423,9 @@ def train_qsft(model_path: str, rows: list[dict], out_dir: Path, config: QSFTCon
 class QSFTLogitsProcessor(LogitsProcessor):
     """Turns π_β.generate's scores into log π_β + β log p_θ by running p_θ on the current prefix."""
 
-    def __init__(self, q_model: Any, beta: float, kind: str, queries: torch.Tensor, query_mask: torch.Tensor):
-        self.q_model, self.beta, self.kind = q_model, beta, kind
+    def __init__(self, q_model: Any, beta: float, kind: str, queries: torch.Tensor, query_mask: torch.Tensor,
+                 temperature: float = 1.0):
+        self.q_model, self.beta, self.kind, self.temperature = q_model, beta, kind, temperature
         self.queries, self.query_mask = queries, query_mask
         self.encoder_out = None
         if kind == "seq2seq":
@@ -393,14 +448,14 @@ class QSFTLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         q = self.q_logits(input_ids)[:, : scores.shape[-1]]
-        return combine_logprobs(scores, q, self.beta).to(scores.dtype)
+        return combine_logprobs(scores / self.temperature, q / self.temperature, self.beta).to(scores.dtype)
 
 
 @torch.no_grad()
 def qsft_translate(q_model: Any, behaviour_model: Any, tokenizer: Any, sources: Sequence[str], beta: float = 1.0,
                    max_new_tokens: int = 128, num_beams: int = 1, do_sample: bool = False,
                    policy_config: PolicyConfig | None = None, src_lang: str = "English", tgt_lang: str = "German",
-                   **generate_kwargs: Any) -> list[str]:
+                   temperature: float = 1.0, **generate_kwargs: Any) -> list[str]:
     """Decode with π ∝ π_β p_θ^β: π_β generates, the processor adds β log p_θ at every step."""
     from mtrl.policy import Policy, detect_kind
 
@@ -409,7 +464,7 @@ def qsft_translate(q_model: Any, behaviour_model: Any, tokenizer: Any, sources: 
     q_model.eval()
     behaviour_model.eval()
     queries, qmask = policy.encode_sources(list(sources))
-    proc = QSFTLogitsProcessor(q_model, beta, kind, queries, qmask)
+    proc = QSFTLogitsProcessor(q_model, beta, kind, queries, qmask, temperature)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=policy.eos_token_id)
     if policy.forced_bos_token_id is not None:
