@@ -13,7 +13,7 @@ them into one of three rewards, trains Q-SFT and decodes the eval splits with lo
 its source); otherwise the dataset's range (``return_range: null``) or ``--return-range LO HI``.
 
 Prints ``name: value`` lines: ``<split>_beta<β>_{chrf,bleu,detector,len_ratio,changed}`` (``changed``: outputs
-that differ from β = 0, which is π_β's own greedy decoding).
+that differ from those at the first β listed; the default list starts at 0, π_β's own greedy decoding).
 
 Usage: python eval/qsft_variants.py --warmstart runs/quickstart/warmstart --reward hybrid --hybrid-weight 1 \\
            --target monte_carlo --per-source --splits val,test2016
@@ -32,10 +32,12 @@ import torch
 
 
 def reward_rows(rows: list[dict], reward: str, hybrid_weight: float, per_source: bool) -> list[dict]:
+    from mtrl.redistribution import load_scorer  # the sentence chrF (0-100) of mtrl's hybrid and r3hf rewards
+
+    chrfs = load_scorer("chrf").score([r["src"] for r in rows], [r["mt"] for r in rows], [r["ref"] for r in rows])
     out = []
-    for r in rows:
+    for r, chrf in zip(rows, chrfs):
         r = dict(r, token_rewards=list(r["token_rewards"]))
-        chrf = sacrebleu.sentence_chrf(r["mt"], [r["ref"]]).score
         if reward == "chrf":
             r["token_rewards"] = [0.0] * (len(r["token_ids"]) - 1) + [chrf]
         elif reward == "hybrid":

@@ -195,12 +195,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         others = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is not None and len(others) == 1:  # X | None: X's own message says what is wrong
             return _convert(value, others[0], where)
-        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _convert(value, arg, where)
-            except MtrlError as e:
-                errors.append(e)
+            except MtrlError:
+                pass
         raise MtrlError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

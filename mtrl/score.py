@@ -121,9 +121,10 @@ def score(
     cfg = reward if isinstance(reward, RewardConfig) else RewardConfig(**(reward or {}))
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    if cfg.mode == "hybrid" and cfg.scorer != "detector":
-        raise MtrlError(f"reward mode hybrid with scorer {cfg.scorer!r} is a training reward (mtrl train); "
-                        "here hybrid adds the detector's own score (scorer: detector)")
+    if cfg.mode == "hybrid" and (cfg.scorer != "detector" or cfg.hybrid_sentence != "last"):
+        raise MtrlError(f"reward mode hybrid with scorer {cfg.scorer!r} and hybrid_sentence {cfg.hybrid_sentence!r} "
+                        "is a training reward (mtrl train); here hybrid adds the detector's own score on the last "
+                        "token (scorer: detector, hybrid_sentence: last)")
     if cfg.mode == "r3hf":
         return _score_r3hf(list(hypotheses), sources, references, detector, detector_options, tokenizer, cfg)
     if gold_spans is not None:

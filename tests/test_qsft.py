@@ -288,6 +288,16 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
 
+def test_build_features_names_a_bad_row(tiny_seq2seq: Path):
+    from mtrl.policy import Policy, load_model_and_tokenizer
+
+    model, tok, kind = load_model_and_tokenizer(str(tiny_seq2seq))
+    rows = make_rows(tok, "seq2seq")
+    rows[2] = {**rows[2], "token_rewards": rows[2]["token_rewards"][:-1]}
+    with pytest.raises(MtrlError, match="qsft row 2: token_ids and token_rewards"):
+        build_features(rows, Policy(model, tok, kind), QSFTConfig())
+
+
 def test_forced_language_token_is_not_trained(tiny_nllb: Path):
     from mtrl.policy import Policy, load_model_and_tokenizer
     from mtrl.recipe import PolicyConfig

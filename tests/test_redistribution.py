@@ -8,6 +8,7 @@ from sacrebleu import sentence_chrf
 
 from mtrl.alignment import token_offsets
 from mtrl.detectors import load_detector
+from mtrl.errors import MtrlError
 from mtrl.redistribution import Redistributor, load_scorer, prefix_boundaries, spread_words
 from mtrl.score import score
 from tests.fixtures.tokenizers import get_tokenizer
@@ -73,12 +74,19 @@ def test_prefix_boundaries_and_spread_words():
 
 
 def test_score_api_r3hf_needs_a_tokenizer_and_references():
-    from mtrl.errors import MtrlError
-
     with pytest.raises(MtrlError, match="needs a tokenizer"):
         score(["Hallo Welt"], ["Hello world"], ["Hallo Welt"], reward={"mode": "r3hf", "scorer": "chrf"})
     with pytest.raises(MtrlError, match="needs a reference"):
         score(["Hallo"], ["Hello"], None, tokenizer=get_tokenizer("unigram"), reward={"mode": "r3hf", "scorer": "bleu"})
+
+
+def test_score_api_refuses_hybrid_rewards_it_cannot_compute():
+    """score() adds the detector's own score in hybrid mode; another scorer or an r3hf spread is refused, not ignored."""
+    for reward in ({"mode": "hybrid", "scorer": "chrf"}, {"mode": "hybrid", "hybrid_sentence": "r3hf"}):
+        with pytest.raises(MtrlError, match="training reward"):
+            score(["Hallo Welt"], ["Hello world"], ["Hallo Welt"], reward=reward)
+    plain = score(["Hallo Welt"], ["Hello world"], ["Hallo Welt"], reward={"mode": "hybrid"})
+    assert len(plain) == 1
 
 
 def test_comet_scorer_on_the_tiny_xcomet_checkpoint(tiny_xcomet_ckpt):

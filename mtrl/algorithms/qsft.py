@@ -225,13 +225,11 @@ def build_features(rows: Sequence[dict], policy: Any, cfg: QSFTConfig) -> list[d
     position (the usual causal shift happens in :func:`token_logits`).
     """
     feats = []
+    return_range = resolve_return_range(rows, cfg)
     for i, row in enumerate(rows):
         ids = [int(t) for t in row["token_ids"]]
         if not ids or len(ids) != len(row["token_rewards"]):
             raise MtrlError(f"qsft row {i}: token_ids and token_rewards must be non-empty and of equal length")
-    return_range = resolve_return_range(rows, cfg)
-    for row in rows:
-        ids = [int(t) for t in row["token_ids"]]
         rewards = rescale_rewards(row["token_rewards"], row.get("score"), cfg.reward_level, return_range)
         query = policy.encode_sources([row["src"]])[0][0].tolist()
         if policy.kind == "seq2seq":
