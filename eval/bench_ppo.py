@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,17 +38,23 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mtrl.algorithms.ppo import PPO, PPOConfig
+from mtrl.attention import use_broadcast_masks
+from mtrl.datasets import load_parallel
+from mtrl.detectors import load_detector
+from mtrl.policy import GenerationConfig, PolicyConfig, ReferencePolicy, build_policy
+from mtrl.rewards import RewardConfig, Rewarder
+from mtrl.rollout import collect_rollout
+from mtrl.tiny import build_tiny_causal, build_tiny_seq2seq
 
-from mtrl.attention import use_broadcast_masks  # noqa: E402
-from mtrl.datasets import load_parallel  # noqa: E402
-from mtrl.detectors import load_detector  # noqa: E402
-from mtrl.policy import ReferencePolicy, build_policy  # noqa: E402
-from mtrl.recipe import AlgorithmConfig, GenerationConfig, PolicyConfig  # noqa: E402
-from mtrl.rewards import RewardConfig  # noqa: E402
-from mtrl.rollout import CachedRewarder, collect_rollout  # noqa: E402
-from tests.fixtures.models import build_tiny_causal, build_tiny_seq2seq  # noqa: E402
+
+def fresh(rewarder: Rewarder) -> Rewarder:
+    """Empty the rewarder's caches, so that every timed step scores afresh."""
+    rewarder.detections.clear()
+    rewarder.sentence.clear()
+    if rewarder.redistributor is not None:
+        rewarder.redistributor.cache.clear()
+    return rewarder
 
 
 def median_times(fns, repeats: int) -> list[float]:
@@ -67,8 +72,9 @@ def median_times(fns, repeats: int) -> list[float]:
 
 def bench_rollout(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens: int = 40) -> dict[str, float]:
     policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    policy.add_value_head()  # PPO's rollouts compute values too
     reference = ReferencePolicy(policy)
-    rewarder = CachedRewarder(load_detector("reference"), RewardConfig())
+    rewarder = Rewarder(RewardConfig(), load_detector("reference"), policy.tokenizer)
     gen = GenerationConfig(max_new_tokens=new_tokens)
     sources, refs = [p[0] for p in pairs[:batch]], [p[1] for p in pairs[:batch]]
     q, qm = policy.encode_sources(sources)
@@ -86,8 +92,7 @@ def bench_rollout(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tok
         policy.generate(*policy.encode_sources(sources), gen)
 
     def rollout():
-        rewarder.cache.clear()
-        collect_rollout(policy, reference, rewarder, sources, refs, gen)
+        collect_rollout(policy, reference, fresh(rewarder), sources, refs, gen, with_values=True)
 
     t_plain, t_sample, t_roll = median_times([plain, sampling, rollout], repeats)
     return {"generate_tokens_per_s": tokens / t_plain, "sampling_tokens_per_s": tokens / t_sample,
@@ -95,36 +100,28 @@ def bench_rollout(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tok
             "rollout_vs_generate": t_plain / t_roll}
 
 
-def ppo_stepper(model_dir: Path, algo: AlgorithmConfig, gen: GenerationConfig, min_new_tokens: int | None = None):
-    """``step(rewarder, sources, references, samples_per_prompt)``: one PPO step (rollout, KL 0.05, update) of a
-    fresh policy from ``model_dir``, with the rewarder's caches cleared so every step scores afresh."""
+def ppo_stepper(model_dir: Path, algo: PPOConfig, gen: GenerationConfig, min_new_tokens: int | None = None):
+    """``step(rewarder, sources, references)``: one step of mtrl's PPO (rollout, KL 0.05, update) of a fresh
+    policy from ``model_dir``, with the rewarder's caches cleared so every step scores afresh."""
     from accelerate import Accelerator
-
-    from mtrl.algorithms import ppo
 
     policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
     if min_new_tokens:
         policy.model.generation_config.min_new_tokens = min_new_tokens
-    reference = ReferencePolicy(policy)
-    accelerator = Accelerator(cpu=True)
-    wrapped, opt = accelerator.prepare(policy, torch.optim.AdamW(policy.parameters(), lr=algo.lr))
+    ppo = PPO(algo, policy, None, gen, Accelerator(cpu=True), total_steps=1000)
 
-    def step(rewarder: CachedRewarder, sources, references, samples_per_prompt: int = 1) -> None:
-        rewarder.cache.clear()
-        if rewarder.redistributor is not None:
-            rewarder.redistributor.cache.clear()
-        ro = collect_rollout(policy, reference, rewarder, sources, references, gen, samples_per_prompt)
-        kl = ppo.kl_penalty(ro.logprobs, ro.ref_logprobs) * ro.response_mask
-        ppo.update(wrapped, opt, accelerator, ro, ro.scores - 0.05 * kl, algo, gen.temperature)
+    def step(rewarder: Rewarder, sources, references) -> None:
+        ppo.rewarder = fresh(rewarder)
+        ppo.step(sources, references)
 
-    return step
+    return step, policy.tokenizer
 
 
 def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens: int = 40) -> dict[str, float]:
-    step = ppo_stepper(model_dir, AlgorithmConfig(batch_size=batch, minibatch_size=16, epochs=2),
-                       GenerationConfig(max_new_tokens=new_tokens))
+    step, tok = ppo_stepper(model_dir, PPOConfig(batch_size=batch, minibatch_size=16, epochs=2),
+                            GenerationConfig(max_new_tokens=new_tokens))
     sources, refs = [p[0] for p in pairs[:batch]], [p[1] for p in pairs[:batch]]
-    token, r3hf = (CachedRewarder(load_detector("reference"), RewardConfig(mode=m)) for m in ("token", "r3hf"))
+    token, r3hf = (Rewarder(RewardConfig(mode=m), load_detector("reference"), tok) for m in ("token", "r3hf"))
     t_token, t_r3hf = median_times([lambda: step(token, sources, refs), lambda: step(r3hf, sources, refs)], repeats)
     return {"ppo_step_token_s": t_token, "ppo_step_r3hf_s": t_r3hf, "r3hf_vs_token_step": t_r3hf / t_token}
 
@@ -180,14 +177,15 @@ def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens
 def ppo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24) -> list[float]:
     """Seconds of PPO steps on the same completions per step (2 sources x 4 samples), length and reward as GRPO's;
     one optimiser step (epochs=1, one minibatch)."""
-    step = ppo_stepper(model_dir, AlgorithmConfig(batch_size=n, minibatch_size=n, epochs=1, lr=1e-5),
-                       GenerationConfig(max_new_tokens=new_tokens), min_new_tokens=new_tokens)
-    rewarder = CachedRewarder(load_detector("reference"), RewardConfig(mode="sentence"))
+    step, tok = ppo_stepper(model_dir, PPOConfig(batch_size=n // 4, samples_per_prompt=4, minibatch_size=n, epochs=1,
+                                                 lr=1e-5), GenerationConfig(max_new_tokens=new_tokens),
+                            min_new_tokens=new_tokens)
+    rewarder = Rewarder(RewardConfig(mode="sentence"), load_detector("reference"), tok)
     sources, references = [p[0] for p in pairs[: n // 4]], [p[1] for p in pairs[: n // 4]]
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        step(rewarder, sources, references, samples_per_prompt=4)
+        step(rewarder, sources, references)
         times.append(time.perf_counter() - t0)
     return times[1:]
 
@@ -207,7 +205,7 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
 
 
 def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:
-    """The causal test model (tests/fixtures) with a BPE vocabulary of ``vocab_size`` trained on ``pairs``."""
+    """The causal test model (mtrl.tiny) with a BPE vocabulary of ``vocab_size`` trained on ``pairs``."""
     from mtrl.warmstart import train_tokenizer
 
     tok = train_tokenizer([t for p in pairs for t in p], vocab_size)

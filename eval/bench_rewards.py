@@ -1,12 +1,19 @@
 """Throughput of the span -> token reward mapping and of the token-offset computation.
 
-    python eval/bench_rewards.py [--repeats 3]
+    python eval/bench_rewards.py [--repeats 3] [--data auto|wmt22|multi30k] [--wmt22-dir DIR]
 
-Prints ``name: value`` lines. Data: WMT22 system outputs (``hyp_*`` columns of
-``shared/data/wmt22/*.tsv``); tokenizers trained here on that text (no model hub):
-a Unigram+Metaspace one (Marian-like, EOS appended) and a byte-level BPE (Qwen-like).
-Spans are synthetic: 0-3 random word runs per hypothesis, some starting at the space
-before a word (as xCOMET's do), random severities.
+Prints ``name: value`` lines; the first, ``data``, says which data was used:
+
+* ``wmt22`` (the default when present): WMT22 system outputs (``hyp_*`` columns of
+  ``../shared/data/wmt22/*.tsv``, or of ``--wmt22-dir``), which developers have;
+* ``multi30k`` (the fallback, shipped with mtrl): the 1,000 German references of Multi30k
+  test2016 as hypotheses, each with one word replaced by a word of the next reference (so
+  the detector has something to find), scored against the unedited reference.
+
+Tokenizers are trained here on that text (Multi30k: plus the first 10,000 training pairs),
+no model hub: a Unigram+Metaspace one (Marian-like, EOS appended) and a byte-level BPE
+(Qwen-like). Spans are synthetic: 0-3 random word runs per hypothesis, some starting at the
+space before a word (as xCOMET's do), random severities.
 
 Figures: segments per second on ONE thread, best of ``--repeats``, measured in process
 CPU time (so other jobs on a shared machine distort them less); the ``.wall`` twin of
@@ -41,7 +48,8 @@ import pandas as pd  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from mtrl.alignment import _fast_offsets, _tables, batch_token_offsets, reference_token_offsets  # noqa: E402
+from mtrl.alignment import batch_token_offsets, reference_token_offsets, uses_fast_path  # noqa: E402
+from mtrl.datasets import load_parallel  # noqa: E402
 from mtrl.detectors.base import Detection  # noqa: E402
 from mtrl.rewards import RewardConfig, spans_to_token_rewards, token_rewards  # noqa: E402
 from mtrl.spans import SEVERITIES, ErrorSpan, get_severity_map  # noqa: E402
@@ -49,20 +57,49 @@ from mtrl.spans import SEVERITIES, ErrorSpan, get_severity_map  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WMT22 = ROOT.parent / "shared" / "data" / "wmt22"
 BATCH = 64
+MULTI30K_TRAIN_PAIRS = 10_000  # extra tokenizer-training text for the Multi30k fallback
+
+Triple = tuple[str, str, str]  # (source, hypothesis, reference)
 
 
-def load_hypotheses() -> tuple[list[str], list[str]]:
-    """(hypotheses, all text for tokenizer training) from the WMT22 TSVs."""
-    hyps: list[str] = []
+def load_wmt22(wmt22_dir: Path) -> tuple[list[Triple], list[str]]:
+    """(source, hypothesis, reference A) triples of every ``hyp_*`` column, and all text for tokenizer training."""
+    triples: list[Triple] = []
     corpus: list[str] = []
-    for path in sorted(WMT22.glob("wmt22_*.tsv")):
+    for path in sorted(wmt22_dir.glob("wmt22_*.tsv")):
         df = pd.read_csv(path, sep="\t", keep_default_na=False)
         for col in df.columns:
             if col.startswith("hyp_"):
-                hyps.extend(df[col].tolist())
+                triples.extend(zip(df["source"], df[col], df["ref_A"], strict=True))
             if col.startswith(("hyp_", "ref_", "source")):
                 corpus.extend(df[col].tolist())
-    return hyps, corpus
+    return triples, corpus
+
+
+def load_multi30k_fallback() -> tuple[list[Triple], list[str]]:
+    """Multi30k test2016 (shipped): the German reference with one word swapped in from the next
+    reference as the hypothesis, the unedited reference as the reference; plus tokenizer-training text."""
+    test = load_parallel("multi30k", "test2016")
+    rng = random.Random(1)
+    triples: list[Triple] = []
+    for i, (src, ref) in enumerate(test):
+        words, donor = ref.split(), test[(i + 1) % len(test)][1].split()
+        if words and donor:
+            words[rng.randrange(len(words))] = rng.choice(donor)
+        triples.append((src, " ".join(words), ref))
+    train = load_parallel("multi30k", "train", limit=MULTI30K_TRAIN_PAIRS)
+    corpus = [t for pair in train + test for t in pair] + [h for _, h, _ in triples]
+    return triples, corpus
+
+
+def load_data(choice: str, wmt22_dir: Path) -> tuple[str, list[Triple], list[str]]:
+    """(description, triples, tokenizer-training text); ``choice`` is auto, wmt22 or multi30k."""
+    have_wmt22 = wmt22_dir.is_dir() and any(wmt22_dir.glob("wmt22_*.tsv"))
+    if choice == "wmt22" and not have_wmt22:
+        sys.exit(f"WMT22 data (wmt22_*.tsv) not found in {wmt22_dir}")
+    if choice == "wmt22" or (choice == "auto" and have_wmt22):
+        return f"wmt22 ({wmt22_dir})", *load_wmt22(wmt22_dir)
+    return "multi30k test2016 (edited reference vs reference; shipped with mtrl)", *load_multi30k_fallback()
 
 
 def train_unigram(corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -119,13 +156,16 @@ def report(name: str, rates: tuple[float, float]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data", choices=("auto", "wmt22", "multi30k"), default="auto",
+                    help="auto: WMT22 when --wmt22-dir has it, else the shipped Multi30k test2016")
+    ap.add_argument("--wmt22-dir", type=Path, default=WMT22, help=f"default: {WMT22}")
     args = ap.parse_args(argv)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    if not WMT22.is_dir():
-        sys.exit(f"WMT22 data not found at {WMT22}")
-    hyps, corpus = load_hypotheses()
+    data, triples, corpus = load_data(args.data, args.wmt22_dir)
+    hyps = [h for _, h, _ in triples]
     rng = random.Random(0)
+    print(f"data: {data}")
     print(f"segments: {len(hyps)}")
     print(f"load_average_1min: {os.getloadavg()[0]:.2f}")
     for name, build in (("unigram", train_unigram), ("bytelevel", train_bytelevel)):
@@ -134,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}.mean_tokens_per_segment: {sum(map(len, ids)) / len(ids):.1f}")
         batches = [ids[i:i + BATCH] for i in range(0, len(ids), BATCH)]
         texts, offsets = batch_token_offsets(tok, ids)  # warm the per-id caches
-        tables = _tables(tok)
-        fast = sum(_fast_offsets(tables, x, t) is not None for x, t in zip(ids, texts, strict=False))
+        fast = sum(uses_fast_path(tok, x) for x in ids)
         print(f"{name}.offsets_fast_path_fraction: {fast / len(ids):.4f}")
 
         def offsets_all(tok=tok, batches=batches) -> None:
@@ -171,14 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"offsets_segments_per_s: {min(v for k, v in RESULTS.items() if '.offsets_' in k):.0f}")
     print(f"mapping_segments_per_s: {min(v for k, v in RESULTS.items() if '.mapping_' in k):.0f}")
 
-    # The embedded detector on (source, hypothesis, reference A) triples, in batches as training calls it.
+    # The embedded detector on (source, hypothesis, reference) triples, in batches as training calls it.
     from mtrl.detectors.reference import ReferenceDetector
 
-    triples = []
-    for path in sorted(WMT22.glob("wmt22_*.tsv")):
-        df = pd.read_csv(path, sep="\t", keep_default_na=False)
-        for col in (c for c in df.columns if c.startswith("hyp_")):
-            triples.extend(zip(df["source"], df[col], df["ref_A"], strict=True))
     detector = ReferenceDetector()
     srcs, hyps_, refs = (list(x) for x in zip(*triples, strict=True))
 

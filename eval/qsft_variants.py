@@ -15,7 +15,7 @@ its source); otherwise the dataset's range (``return_range: null``) or ``--retur
 Prints ``name: value`` lines: ``<split>_beta<β>_{chrf,bleu,detector,len_ratio,changed}`` (``changed``: outputs
 that differ from those at the first β listed; the default list starts at 0, π_β's own greedy decoding).
 
-Usage: python eval/qsft_variants.py --warmstart runs/quickstart/warmstart --reward hybrid --hybrid-weight 1 \\
+Usage: python eval/qsft_variants.py --reward hybrid --hybrid-weight 1 \\
            --target monte_carlo --per-source --splits val,test2016
 """
 
@@ -32,7 +32,8 @@ import torch
 
 
 def reward_rows(rows: list[dict], reward: str, hybrid_weight: float, per_source: bool) -> list[dict]:
-    from mtrl.redistribution import load_scorer  # the sentence chrF (0-100) of mtrl's hybrid and r3hf rewards
+    # the sentence chrF (0-100) of mtrl's hybrid and r3hf rewards
+    from mtrl.rewards.scorers import load_scorer
 
     chrfs = load_scorer("chrf").score([r["src"] for r in rows], [r["mt"] for r in rows], [r["ref"] for r in rows])
     out = []
@@ -57,7 +58,8 @@ def reward_rows(rows: list[dict], reward: str, hybrid_weight: float, per_source:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--warmstart", required=True, help="the quickstart's warm-start model directory")
+    ap.add_argument("--warmstart", default="mtrl:tiny-marian",
+                    help="the model to start from (default: the shipped tiny Marian)")
     ap.add_argument("--run-dir", default="runs/qsft-variants")
     ap.add_argument("--name", default="variant")
     ap.add_argument("--reward", choices=("detector", "chrf", "hybrid"), default="detector")
@@ -85,24 +87,27 @@ def main() -> None:
     from mtrl.detectors import load_detector
     from mtrl.io import read_jsonl
     from mtrl.label import label, sample_rows
-    from mtrl.policy import load_model_and_tokenizer
-    from mtrl.rewards import RewardConfig
+    from mtrl.policy import load_model_and_tokenizer, resolve_model
+    from mtrl.rewards import RewardConfig, Rewarder
+    from mtrl.score import load_tokenizer
 
+    a.warmstart = resolve_model(a.warmstart)
     run_dir = Path(a.run_dir)
     data = run_dir / f"samples_T{a.temperature}_{a.sources}x{a.samples}_seed{a.seed}" / "labelled.jsonl"
     if not data.exists():
         pairs = load_parallel("multi30k", "train")[: a.sources]
         rows = sample_rows(a.warmstart, pairs, a.samples, a.temperature, 40, seed=a.seed, progress=False)
-        label(rows, data, detector="reference", tokenizer=a.warmstart, detector_options={"omission_weight": 10},
-              reward=RewardConfig(mode="token", severity_map="xcomet"), progress=False)
+        rewarder = Rewarder(RewardConfig(mode="token", severity_map="xcomet"),
+                            load_detector("reference", omission_weight=10), load_tokenizer(a.warmstart))
+        label(rows, data, rewarder, progress=False)
     rows = reward_rows(read_jsonl(data), a.reward, a.hybrid_weight, a.per_source)
     return_range = (0.0, 1.0) if a.per_source else (tuple(a.return_range) if a.return_range else None)
     cfg = QSFTConfig(max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, tau=0.05, gamma=a.gamma,
                      temperature=a.temperature, target=a.target, return_range=return_range,
-                     sft_steps=a.sft_steps, seed=a.seed)
+                     sft_steps=a.sft_steps)
     out = run_dir / a.name
     t0 = time.perf_counter()
-    train_qsft(a.warmstart, rows, out, cfg)
+    train_qsft(a.warmstart, rows, out, cfg, seed=a.seed)
     print(f"rows: {len(rows)}")
     print(f"train_s: {time.perf_counter() - t0:.1f}")
 

@@ -361,6 +361,30 @@ def batch_token_offsets(
     return texts, offsets
 
 
+def uses_fast_path(
+    tokenizer: Any,
+    token_ids: Any,
+    completion_start: int = 0,
+    clean_up_tokenization_spaces: bool = False,
+) -> bool:
+    """True when :func:`token_offsets` gets these offsets from the cached per-id pieces.
+
+    False when it falls back to the brute-force reference (O(n^2) decoding): a slow or
+    customised tokenizer, a clean-up that rewrites the text, or pieces that disagree with the
+    real decode (see the module docstring). The result is the same either way; this only says
+    which way it is computed, e.g. to report how often the fast path applies.
+    """
+    ids = _as_list(token_ids)
+    cs = max(0, min(int(completion_start), len(ids)))
+    tables = _tables(tokenizer)
+    if tables is None:
+        return False
+    comp = ids[cs:]
+    raw = tables.backend.decode_batch([comp], skip_special_tokens=True)[0]
+    text = tokenizer.clean_up_tokenization(raw) if clean_up_tokenization_spaces else raw
+    return raw == text and _fast_offsets(tables, comp, text) is not None
+
+
 def padded_token_offsets(
     tokenizer: Any,
     input_ids: Any,

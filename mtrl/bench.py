@@ -91,7 +91,7 @@ def is_done(run_dir: Path) -> bool:
 
 def run_bench(path: str | Path, quiet: bool = False) -> Path:
     """Run every missing cell, then write the report; returns the report directory."""
-    from mtrl.train import train
+    from mtrl.runner import run
 
     bench = load_bench(path)
     bench.output.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def run_bench(path: str | Path, quiet: bool = False) -> Path:
         recipe = load_recipe(bench.base, [*bench.overrides, *shared, *bench.schemes[scheme], f"seed={seed}",
                                           f"run_dir={run_dir}"])
         t0 = time.perf_counter()
-        train(recipe, quiet=quiet)
+        run(recipe, quiet=quiet)
         print(f"mtrl bench: [{i}/{len(cells)}] {scheme} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     write_report(bench, Path(path))
     return bench.output

@@ -82,16 +82,35 @@ def load_score_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+REWARD_FLAGS = ("severity_map", "token_rewards", "reward_mode", "no_error_reward", "hybrid_weight", "scorer",
+                "scorer_model", "r3hf_level", "hybrid_sentence", "reward_scale")
+
+
+def reward_from_args(args: argparse.Namespace) -> Any:
+    """The reward section: the recipe's (``--recipe``), or built from the reward flags (defaults: token/xcomet/max)."""
+    from mtrl.rewards import RewardConfig
+
+    given = {k: getattr(args, k) for k in REWARD_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "recipe", None):
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise MtrlError(f"--recipe sets the reward; drop {flags} (or override in the recipe)")
+        return None
+    names = {"reward_mode": "mode", "no_error_reward": "no_error", "reward_scale": "scale"}
+    cfg = {names.get(k, k): v for k, v in given.items()}
+    if "severity_map" in cfg:
+        cfg["severity_map"] = _parse_severity_map(cfg["severity_map"])
+    return RewardConfig.from_dict(cfg)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    from mtrl.detectors import DetectorConfig
     from mtrl.detectors.gold import parse_spans
     from mtrl.io import atomic_open
-    from mtrl.rewards import RewardConfig
-    from mtrl.score import score, summarize
+    from mtrl.rewards import Rewarder
+    from mtrl.score import load_tokenizer, score, summarize
 
-    reward = RewardConfig(mode=args.reward_mode, severity_map=_parse_severity_map(args.severity_map),
-                          token_rewards=args.token_rewards, no_error=args.no_error_reward,
-                          hybrid_weight=args.hybrid_weight, scorer=args.scorer, scorer_model=args.scorer_model,
-                          r3hf_level=args.r3hf_level)
+    reward = reward_from_args(args)
     rows = load_score_rows(args)
     gold = None
     if args.detector == "gold":
@@ -99,18 +118,27 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise MtrlError("the gold detector reads spans from --input: JSON lines with 'error_spans' "
                             "(or a Google MQM .tsv); some rows have none")
         gold = [parse_spans(r["error_spans"], r["mt"], f"{args.input}: row {i}") for i, r in enumerate(rows, 1)]
-    options: dict[str, Any] = {}
-    if args.detector == "xcomet":
-        options = {"model": args.model or "Unbabel/XCOMET-XL", "batch_size": args.batch_size}
-    elif args.model:
-        raise MtrlError("--model is only used by --detector xcomet")
+    if args.recipe:  # the recipe's detector, reward and (default) tokenizer: what training computes
+        from mtrl.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        if args.detector or args.model:
+            raise MtrlError("--recipe sets the detector; drop --detector/--model")
+        det_cfg, reward = recipe.detector, recipe.reward
+        tok_name = args.tokenizer or recipe.policy.tokenizer or _recipe_model(recipe)
+    else:
+        det_cfg = DetectorConfig(name=args.detector or "reference", model=args.model, batch_size=args.batch_size,
+                                 use_reference=True)
+        tok_name = args.tokenizer
+    tokenizer = load_tokenizer(tok_name) if tok_name else None
+    needs_detector = gold is None and not (reward.mode == "r3hf" and reward.scorer != "detector")
+    detector = det_cfg.build() if needs_detector else None
+    rewarder = Rewarder(reward, detector, tokenizer, use_reference=det_cfg.use_reference)
     refs = [r["ref"] for r in rows]
     segments = score(
-        [r["mt"] for r in rows],
-        [r["src"] or "" for r in rows],
-        None if all(x is None for x in refs) and args.detector != "reference" else refs,
-        detector=args.detector, detector_options=options, gold_spans=gold, tokenizer=args.tokenizer,
-        reward=reward, batch_size=args.batch_size, progress=len(rows) > 200 or args.progress,
+        [r["mt"] for r in rows], [r["src"] or "" for r in rows],
+        None if all(x is None for x in refs) and det_cfg.name != "reference" else refs,
+        rewarder=rewarder, gold_spans=gold, progress=len(rows) > 200 or args.progress,
     )
     if args.format == "jsonl":
         text = "".join(json.dumps({**row, **seg.to_dict()}, ensure_ascii=False) + "\n"
@@ -125,6 +153,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     print(summarize(segments), file=sys.stderr)
     return 0
+
+
+def _recipe_model(recipe: Any) -> str:
+    """The recipe's initial policy, whose tokenizer the rewards are for."""
+    from mtrl.policy import resolve_model
+
+    if recipe.policy.model == "warmstart":
+        path = Path(recipe.run_dir) / "warmstart"
+        if not (path / "tokenizer.json").exists():
+            raise MtrlError(f"the recipe's warm start is not trained yet ({path}); give --tokenizer")
+        return str(path)
+    return resolve_model(recipe.policy.model)
 
 
 def render_pretty(index: int, seg: Any, color: bool) -> str:
@@ -145,39 +185,49 @@ def render_pretty(index: int, seg: Any, color: bool) -> str:
     return out
 
 
+def add_reward_flags(p: argparse.ArgumentParser, modes: tuple[str, ...] | None = None) -> None:
+    """The reward section as flags (defaults: token rewards, xcomet severity map, max)."""
+    from mtrl.rewards import allowed
+
+    p.add_argument("--severity-map", help="xcomet | wmt-mqm | minor=-1,major=-5,critical=-10 (default xcomet)")
+    p.add_argument("--no-error-reward", type=float, help="reward of tokens with no error (default 0)")
+    p.add_argument("--token-rewards", choices=allowed("token_rewards"),
+                   help="max: each token gets its most severe span's value; spread: a span's value is "
+                        "split over its tokens (sums are kept); default max")
+    p.add_argument("--reward-mode", choices=modes or allowed("mode"),
+                   help="token: severity map on tokens; sentence: the score on the last token; hybrid: both; "
+                        "r3hf: score differences of successive prefixes (default token)")
+    p.add_argument("--hybrid-weight", type=float, help="weight of the sentence score in hybrid mode (default 1)")
+    p.add_argument("--hybrid-sentence", choices=allowed("hybrid_sentence"),
+                   help="hybrid: the sentence score on the last token, or spread over the tokens by R3HF")
+    p.add_argument("--scorer", choices=allowed("scorer"),
+                   help="r3hf/hybrid: the sentence scorer (chrf/bleu: sacrebleu, 0-100; default detector)")
+    p.add_argument("--scorer-model", help="--scorer comet: COMET hub id or local checkpoint")
+    p.add_argument("--r3hf-level", choices=allowed("r3hf_level"),
+                   help="r3hf prefixes at every token, or only at word ends (cheaper)")
+    p.add_argument("--reward-scale", type=float, help="multiply every reward (default 1)")
+
+
 def add_score_parser(sub: Any) -> None:
     from mtrl.detectors import DETECTORS
-    from mtrl.rewards import R3HF_LEVELS, R3HF_SCORERS, REWARD_MODES
 
     p = sub.add_parser("score", help="mark error spans and compute token-level rewards",
-                       description="Score translations with an error-span detector; with --tokenizer also "
-                                   "write per-token rewards.")
+                       description="Score translations with the reward pipeline; with --tokenizer (or --recipe) "
+                                   "also write per-token rewards.")
     p.add_argument("--input", help="JSON lines with src/mt/ref (or source/hypothesis/reference; gold spans in "
                                    "error_spans), or a Google MQM .tsv")
     p.add_argument("--src", help="source file, one segment per line")
     p.add_argument("--hyp", help="hypothesis file, one segment per line")
     p.add_argument("--ref", help="reference file, one segment per line")
-    p.add_argument("--detector", choices=DETECTORS, default="reference",
+    p.add_argument("--recipe", help="take the detector, the reward and the tokenizer from this training recipe: "
+                                    "the token rewards it trains on")
+    p.add_argument("--detector", choices=DETECTORS,
                    help="reference: embedded, needs references (default); xcomet: unbabel-comet model; "
                         "gold: spans given in --input")
     p.add_argument("--model", help="xCOMET hub id or local checkpoint (default Unbabel/XCOMET-XL)")
-    p.add_argument("--severity-map", default="xcomet",
-                   help="xcomet | wmt-mqm | minor=-1,major=-5,critical=-10 (default xcomet)")
-    p.add_argument("--no-error-reward", type=float, default=0.0, help="reward of tokens with no error (default 0)")
     p.add_argument("--tokenizer", help="hub id or local path: write per-token rewards for this tokenizer")
-    p.add_argument("--token-rewards", choices=("max", "spread"), default="max",
-                   help="max: each token gets its most severe span's value; spread: a span's value is "
-                        "split over its tokens (sums are kept)")
-    p.add_argument("--reward-mode", choices=REWARD_MODES, default="token",
-                   help="token: severity map on tokens; sentence: the score on the last token; hybrid: both; "
-                        "r3hf: score differences of successive prefixes")
-    p.add_argument("--hybrid-weight", type=float, default=1.0, help="weight of the sentence score in hybrid mode")
-    p.add_argument("--scorer", choices=R3HF_SCORERS, default="detector",
-                   help="r3hf: sentence scorer evaluated on every prefix (chrf/bleu: sacrebleu, 0-100)")
-    p.add_argument("--scorer-model", help="r3hf with --scorer comet: COMET hub id or local checkpoint")
-    p.add_argument("--r3hf-level", choices=R3HF_LEVELS, default="token",
-                   help="r3hf prefixes at every token, or only at word ends (cheaper)")
-    p.add_argument("--batch-size", type=int, default=64)
+    add_reward_flags(p)
+    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet)")
     p.add_argument("--output", help="output file (written atomically); stdout when absent")
     p.add_argument("--format", choices=("jsonl", "pretty"), default="jsonl")
     p.add_argument("--progress", action="store_true", help="always show the progress bar")
@@ -186,29 +236,33 @@ def add_score_parser(sub: Any) -> None:
 
 # --------------------------------------------------------------------------- label
 def cmd_label(args: argparse.Namespace) -> int:
+    from mtrl.detectors import DetectorConfig
     from mtrl.label import label, print_summary, read_mt_outputs, sample_rows
-    from mtrl.rewards import RewardConfig
+    from mtrl.rewards import Rewarder
+    from mtrl.score import load_tokenizer
 
     if bool(args.input) == bool(args.policy):
         raise MtrlError("give either --input (existing MT outputs) or --policy with --samples and --data")
+    reward = reward_from_args(args)
     if args.policy:
-        from mtrl.recipe import DataConfig
-        from mtrl.train import load_pairs
+        from mtrl.datasets import load_pairs
 
-        pairs = load_pairs(args.data, DataConfig(), args.max_sources)
+        pairs = load_pairs(args.data, limit=args.max_sources)
         rows = sample_rows(args.policy, pairs, args.samples, args.temperature, args.max_new_tokens,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, src_lang=args.src_lang, tgt_lang=args.tgt_lang, progress=not args.quiet)
     else:
         rows = read_mt_outputs(args.input, args.ref_column)
     if not rows:
         raise MtrlError("no rows to label")
-    reward = RewardConfig(mode=args.reward_mode, severity_map=_parse_severity_map(args.severity_map),
-                          token_rewards=args.token_rewards, no_error=args.no_error_reward)
-    options = {"model": args.model or "Unbabel/XCOMET-XL", "batch_size": args.batch_size} \
-        if args.detector == "xcomet" else {}
-    tokenizer = args.tokenizer or args.policy
-    counts = label(rows, args.output, detector=args.detector, detector_options=options, tokenizer=tokenizer,
-                   reward=reward, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=not args.quiet)
+    tok_name = args.tokenizer or args.policy
+    if tok_name:
+        from mtrl.policy import resolve_model
+
+        tok_name = resolve_model(tok_name)
+    detector = DetectorConfig(name=args.detector, model=args.model, batch_size=args.batch_size,
+                              use_reference=True).build()
+    rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None)
+    counts = label(rows, args.output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
     print_summary(counts, Path(args.output))
     return 0
 
@@ -219,22 +273,21 @@ def add_label_parser(sub: Any) -> None:
                                    "reference) rows: JSON lines plus a Parquet copy. Resumable.")
     p.add_argument("--input", help="JSONL (src/mt/ref) or a WMT-style TSV (source, ref_A, hyp_<SYSTEM> columns)")
     p.add_argument("--ref-column", default="ref_A", help="reference column of a TSV input (default ref_A)")
-    p.add_argument("--policy", help="sample hypotheses from this model (hub id or local path)")
+    p.add_argument("--policy", help="sample hypotheses from this model (hub id, local path or mtrl:tiny-marian)")
     p.add_argument("--samples", type=int, default=4, help="samples per source with --policy (default 4)")
     p.add_argument("--data", default="multi30k:train", help="sources to sample from: multi30k:SPLIT or a file")
     p.add_argument("--max-sources", type=int, help="use only the first N sources")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--src-lang", default="English", help="source language name in a causal policy's prompt")
+    p.add_argument("--tgt-lang", default="German", help="target language name in a causal policy's prompt")
     p.add_argument("--output", required=True, help="output JSON lines (a .parquet copy is written beside it)")
     p.add_argument("--detector", choices=("reference", "xcomet"), default="reference")
     p.add_argument("--model", help="xCOMET hub id or local checkpoint")
     p.add_argument("--tokenizer", help="write token_ids/token_rewards for this tokenizer (default: --policy's)")
-    p.add_argument("--severity-map", default="xcomet")
-    p.add_argument("--token-rewards", choices=("max", "spread"), default="max")
-    p.add_argument("--reward-mode", choices=("token", "sentence", "hybrid"), default="token")
-    p.add_argument("--no-error-reward", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_reward_flags(p)
+    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet)")
     p.add_argument("--max-tokens", type=int, default=256, help="longer hypotheses are rejected (default 256)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_label)
@@ -243,14 +296,14 @@ def add_label_parser(sub: Any) -> None:
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from mtrl.recipe import load_recipe
-    from mtrl.train import print_summary, train
+    from mtrl.runner import print_summary, run
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.run_dir:
         recipe.run_dir = args.run_dir
     if args.resume and args.overwrite:
         raise MtrlError("--resume and --overwrite exclude each other")
-    results = train(recipe, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    results = run(recipe, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     print_summary(results, recipe.run_dir)
     return 0
 
@@ -283,16 +336,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MtrlError("give either --model (translate, then score) or --hyp files, not both")
         if not args.data:
             raise MtrlError("--model needs --data (a JSONL/TSV file or multi30k:SPLIT with sources and references)")
-        from mtrl.policy import build_policy
-        from mtrl.recipe import DataConfig, GenerationConfig, PolicyConfig
-        from mtrl.train import load_pairs, translate_all
+        from mtrl.datasets import load_pairs
+        from mtrl.evaluate import translate
+        from mtrl.policy import GenerationConfig, PolicyConfig, build_policy
 
-        pairs = load_pairs(args.data, DataConfig())
+        pairs = load_pairs(args.data)
         sources, refs = [p[0] for p in pairs], [[p[1] for p in pairs]]
         policy = build_policy(PolicyConfig(model=args.model), args.model, args.src_lang, args.tgt_lang)
         gen = GenerationConfig(max_new_tokens=args.max_new_tokens, eval_num_beams=args.beams,
                                eval_batch_size=args.batch_size)
-        systems = {Path(args.model).name or args.model: translate_all(policy, sources, gen)}
+        systems = {Path(args.model).name or args.model: translate(policy, sources, gen)}
     else:
         if not args.hyp or not args.ref:
             raise MtrlError("give --hyp FILE (one or more) and --ref FILE, or --model with --data")

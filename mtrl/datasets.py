@@ -153,3 +153,47 @@ def _open(path: PathLike) -> IO[str]:
 def _no_split(split: str | None, what: str) -> None:
     if split is not None:
         raise MtrlError(f"split={split!r} only applies to builtin corpora, not to {what}")
+
+
+def load_pairs(spec: str, source_field: str | None = "src", reference_field: str | None = "ref",
+               limit: int | None = None) -> list[Pair]:
+    """A recipe's data spec: ``multi30k:SPLIT``, a JSONL/TSV file, or ``hf:NAME[:CONFIG]:SPLIT`` (``datasets``)."""
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise MtrlError(f"data spec {spec!r} must look like hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+        import datasets
+
+        name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+            raise MtrlError(f"cannot load dataset {spec!r}: {str(e).splitlines()[0][:200]}") from None
+        pairs = []
+        for row in ds:
+            row = row.get("translation", row)
+            if source_field not in row or reference_field not in row:
+                raise MtrlError(f"dataset {spec!r} has no fields {source_field!r}/{reference_field!r}; set "
+                                f"data.source_field and data.reference_field (fields: {', '.join(row)})")
+            pairs.append((row[source_field], row[reference_field]))
+    elif spec.startswith("multi30k"):
+        _, _, split = spec.partition(":")
+        pairs = load_parallel("multi30k", split or "train")
+    else:
+        pairs = load_parallel(spec, src_field=source_field, ref_field=reference_field)
+    if not pairs:
+        raise MtrlError(f"data {spec!r} is empty")
+    return pairs[:limit] if limit else pairs
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of ``step``: a fresh permutation per epoch, a pure function of (seed, step)."""
+    import numpy as np
+
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return out

@@ -1,4 +1,4 @@
-"""Basic evaluation: batched greedy translation and sacrebleu corpus metrics (BLEU, chrF, TER).
+"""Evaluation: batched greedy translation with a policy, sacrebleu corpus metrics, COMET, the detector.
 
 Metrics use sacrebleu's metric objects with default settings, so scores and signatures are the
 same as the ``sacrebleu`` command line gives for the same detokenized text.
@@ -14,57 +14,42 @@ import torch
 from mtrl.errors import MtrlError
 
 
-def translate(
-    model: Any,
-    tokenizer: Any,
-    sources: Sequence[str],
-    batch_size: int = 64,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-) -> list[str]:
-    """Translate ``sources`` with a seq2seq model; greedy unless ``num_beams > 1``.
+@torch.no_grad()
+def translate(policy: Any, sources: Sequence[str], gen: Any) -> list[str]:
+    """Greedy (or ``gen.eval_num_beams`` beam) translations with a :class:`mtrl.policy.Policy`, in input order.
 
-    Sentences are batched by length (less padding, so faster) and returned in input order.
-    The model's train/eval mode is restored afterwards, so this is safe to call mid-training.
+    Sources are batched by length (``gen.eval_batch_size``), so there is little padding.
     """
-    if not sources:
-        return []
-    enc = tokenizer(list(sources), truncation=True)
-    ids = enc["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    out: list[str] = [""] * len(ids)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                input_ids, attention_mask = _pad([ids[i] for i in idx], tokenizer.pad_token_id)
-                generated = model.generate(
-                    input_ids=input_ids.to(model.device),
-                    attention_mask=attention_mask.to(model.device),
-                    max_new_tokens=max_new_tokens,
-                    num_beams=num_beams,
-                    do_sample=False,
-                    use_cache=True,
-                )
-                texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-                for i, text in zip(idx, texts):
-                    out[i] = text.strip()
-    finally:
-        model.train(was_training)
+    from mtrl.rewards import hypothesis_intervals
+    from mtrl.rollout import response_ids
+
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out = [""] * len(sources)
+    for i in range(0, len(order), gen.eval_batch_size):
+        idx = order[i:i + gen.eval_batch_size]
+        q, qm = policy.encode_sources([sources[j] for j in idx])
+        responses, mask = policy.generate(q, qm, gen, sample=False)
+        texts, _ = hypothesis_intervals(policy.tokenizer, response_ids(responses, mask))
+        for j, t in zip(idx, texts):
+            out[j] = t
     return out
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists (seq2seq encoders take right padding)."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[row, : len(s)] = 1
-    return input_ids, attention_mask
+def score_translations(sources: Sequence[str], hyps: Sequence[str], refs: Sequence[str],
+                       detect: Any) -> dict[str, Any]:
+    """Corpus BLEU/chrF/TER (sacrebleu, with signatures) and the detector's mean score and spans per segment.
+
+    ``detect``: (sources, hypotheses, references) -> detections, e.g. a rewarder's cached ``detect``.
+    """
+    from mtrl.spans import SEVERITIES
+
+    result: dict[str, Any] = corpus_metrics(hyps, refs)
+    dets = detect(list(sources), list(hyps), list(refs))
+    result["detector_score"] = float(sum(d.score for d in dets) / len(dets))
+    for sev in SEVERITIES:
+        result[f"spans_{sev}_per_segment"] = float(sum(sum(s.severity == sev for s in d.spans) for d in dets) / len(dets))
+    result["examples"] = [{"src": s, "hyp": h, "ref": r} for s, h, r in list(zip(sources, hyps, refs))[:3]]
+    return result
 
 
 def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -129,7 +114,7 @@ def comet_scores(model: str | None, sources: Sequence[str] | None, hyps: Sequenc
     if sources is None:
         return {"skipped": "COMET needs the sources (--src)"}
     try:
-        from mtrl.redistribution import CometScorer
+        from mtrl.rewards.scorers import CometScorer
 
         scorer = CometScorer(model, batch_size)
         scores = scorer.score(sources, hyps, refs)

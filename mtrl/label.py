@@ -3,9 +3,10 @@
 Rows are (source, hypothesis, optional reference): existing MT outputs (JSONL,
 or a WMT-style TSV with ``source``, ``ref_A`` and one ``hyp_<SYSTEM>`` column per
 system), or N samples per source drawn from a policy. Each row is scored in
-batches through :func:`mtrl.score.score` and written with its spans, sentence
-score and, for a tokenizer, ``token_ids`` and ``token_rewards``: exactly what the
-Q-SFT trainer reads.
+batches through the reward pipeline (:class:`mtrl.rewards.Rewarder`, via
+:func:`mtrl.score.score`) and written with its spans, sentence score and, for a
+tokenizer, ``token_ids`` and ``token_rewards``: exactly what the offline trainers
+read. Sampled rows keep the ids that were sampled and are rewarded on them.
 
 * Resumable: every finished chunk is appended to ``OUTPUT.partial``; a rerun
   skips rows already labelled there or in a finished ``OUTPUT``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from tqdm.auto import tqdm
 
 from mtrl.errors import MtrlError
 from mtrl.io import atomic_open, read_jsonl, write_jsonl
+from mtrl.rewards import Rewarder, hypothesis_intervals
+from mtrl.score import score
 
 Key = tuple[str, str, str | None]
 
@@ -62,16 +66,20 @@ def read_mt_outputs(path: str | Path, ref_column: str = "ref_A") -> list[dict[st
 
 def sample_rows(model: str, pairs: Sequence[tuple[str, str]], samples: int, temperature: float = 1.0,
                 max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, policy_config: Any = None,
-                progress: bool = True) -> list[dict[str, Any]]:
-    """N sampled translations per source from a policy (hub id or local path)."""
+                src_lang: str = "English", tgt_lang: str = "German", progress: bool = True) -> list[dict[str, Any]]:
+    """N sampled translations per source from a policy (hub id or local path), with the sampled ``token_ids``.
+
+    The ids are kept so that labelling rewards exactly the tokens that were sampled (a decoded
+    hypothesis re-encoded can tokenise differently). ``src_lang``/``tgt_lang`` fill a causal
+    policy's prompt.
+    """
     import torch
 
-    from mtrl.policy import build_policy
-    from mtrl.recipe import GenerationConfig, PolicyConfig
-    from mtrl.rollout import decode_responses
+    from mtrl.policy import GenerationConfig, PolicyConfig, build_policy
+    from mtrl.rollout import response_ids
 
     torch.manual_seed(seed)
-    policy = build_policy(policy_config or PolicyConfig(model=model), model, "English", "German")
+    policy = build_policy(policy_config or PolicyConfig(model=model), model, src_lang, tgt_lang)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     rows = []
     expanded = [(s, r, k) for s, r in pairs for k in range(samples)]
@@ -79,8 +87,10 @@ def sample_rows(model: str, pairs: Sequence[tuple[str, str]], samples: int, temp
         chunk = expanded[i:i + batch_size]
         q, qm = policy.encode_sources([c[0] for c in chunk])
         responses, mask = policy.generate(q, qm, gen, sample=True)
-        texts, _, _ = decode_responses(policy.tokenizer, responses, mask)
-        rows += [{"src": s, "mt": t, "ref": r, "sample": k} for (s, r, k), t in zip(chunk, texts)]
+        ids = response_ids(responses, mask)
+        texts, _ = hypothesis_intervals(policy.tokenizer, ids)
+        rows += [{"src": s, "mt": t, "ref": r, "sample": k, "token_ids": x}
+                 for (s, r, k), t, x in zip(chunk, texts, ids)]
     return rows
 
 
@@ -99,19 +109,13 @@ def check_row(row: dict[str, Any], needs_reference: bool, tokenizer: Any, max_to
     return None
 
 
-def label(rows: list[dict[str, Any]], output: str | Path, *, detector: str = "reference",
-          detector_options: dict[str, Any] | None = None, tokenizer: Any = None, reward: Any = None,
-          batch_size: int = 64, chunk_size: int = 512, max_tokens: int = 256, progress: bool = True) -> dict[str, int]:
-    """Label ``rows`` into ``output``; returns counts (labelled, reused, duplicates, rejected)."""
-    from mtrl.detectors import load_detector
-    from mtrl.score import load_tokenizer, score
-
+def label(rows: list[dict[str, Any]], output: str | Path, rewarder: Rewarder, *, chunk_size: int = 512,
+          max_tokens: int = 256, progress: bool = True) -> dict[str, int]:
+    """Label ``rows`` into ``output`` with the reward pipeline; returns counts (labelled, reused, duplicates,
+    rejected). Rows that carry ``token_ids`` (sampled) are rewarded on those ids."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
-    det = load_detector(detector, **(detector_options or {}))
     done: dict[Key, dict[str, Any]] = {}
     for path in (output, partial):
         if path.exists():
@@ -125,19 +129,20 @@ def label(rows: list[dict[str, Any]], output: str | Path, *, detector: str = "re
         if k in seen:
             duplicates += k not in done
             continue
-        why = check_row(r, det.needs_reference, tokenizer, max_tokens)
+        why = check_row(r, rewarder.needs_reference, rewarder.tokenizer, max_tokens)
         if why:
             rejected.append({**r, "row": i, "reason": why})
             continue
         seen.add(k)
         todo.append(r)
-    with tqdm(total=len(todo), desc=f"label ({det.name})", unit="seg", disable=not progress) as bar:
+    name = rewarder.detector.name if rewarder.detector is not None else rewarder.config.scorer
+    with tqdm(total=len(todo), desc=f"label ({name})", unit="seg", disable=not progress) as bar:
         for i in range(0, len(todo), chunk_size):
             chunk = todo[i:i + chunk_size]
             refs = [r.get("ref") for r in chunk]
+            ids = [r["token_ids"] for r in chunk] if all("token_ids" in r for r in chunk) else None
             segs = score([r["mt"] for r in chunk], [r.get("src") or "" for r in chunk],
-                         None if all(x is None for x in refs) else refs, detector=det, tokenizer=tokenizer,
-                         reward=reward, batch_size=batch_size)
+                         None if all(x is None for x in refs) else refs, rewarder=rewarder, token_ids=ids)
             labelled = [{**r, **s.to_dict()} for r, s in zip(chunk, segs)]
             with open(partial, "a", encoding="utf-8") as f:  # each line complete: a crash loses at most a chunk
                 f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in labelled))
@@ -178,3 +183,35 @@ def print_summary(counts: dict[str, int], output: Path) -> None:
     if counts["rejected"]:
         line += f": see {output.with_name(output.stem + '.rejected.jsonl')}"
     print(line + ")", file=sys.stderr)
+
+
+@dataclass
+class OfflineConfig:
+    """The ``offline:`` section of a recipe: a labelled dataset, or one sampled from the policy and labelled."""
+
+    data: str | None = None  # JSONL from `mtrl label` (token_ids, token_rewards); null: sample + label here
+    num_sources: int = 500  # sources taken from data.train to sample from
+    samples_per_source: int = 4
+    temperature: float = 1.0  # sampling temperature (Q-SFT then reads every model at it)
+
+
+def offline_rows(cfg: OfflineConfig, model_path: str, train_pairs: Sequence[tuple[str, str]], rewarder: Rewarder,
+                 out_dir: Path, *, policy_config: Any, src_lang: str, tgt_lang: str, max_new_tokens: int,
+                 seed: int, log: Any = print, progress: bool = True) -> list[dict[str, Any]]:
+    """Labelled rows with ``token_ids`` and ``token_rewards``: read from ``cfg.data``, or sampled and labelled
+    into ``out_dir/labelled.jsonl``."""
+    if cfg.data:
+        rows = read_jsonl(cfg.data)
+        missing = [i for i, r in enumerate(rows, 1) if "token_ids" not in r or "token_rewards" not in r]
+        if missing:
+            raise MtrlError(f"{cfg.data}: row {missing[0]} has no token_ids/token_rewards; label it with "
+                            "`mtrl label --tokenizer <the policy>`")
+        return rows
+    labelled = Path(out_dir) / "labelled.jsonl"
+    log(f"mtrl: sampling {cfg.samples_per_source} translations for {cfg.num_sources} sources ...")
+    rows = sample_rows(model_path, train_pairs[: cfg.num_sources], cfg.samples_per_source, cfg.temperature,
+                       max_new_tokens, seed=seed, policy_config=policy_config, src_lang=src_lang,
+                       tgt_lang=tgt_lang, progress=progress)
+    counts = label(rows, labelled, rewarder, progress=progress)
+    log(f"mtrl: labelled {counts['rows']} rows ({counts['rejected']} rejected) -> {labelled}")
+    return read_jsonl(labelled)

@@ -9,8 +9,9 @@ One interface for both kinds, so the algorithms never branch on model type:
   that ends at the first EOS; ``sample`` also returns the log-probs and values
   of the sampling pass itself (no second forward);
 * ``forward`` returns, for every response position, the log-probability of the
-  taken token, the entropy of the next-token distribution and the value of the
-  state before it (a linear head on the final hidden state).
+  taken token, the entropy of the next-token distribution and, when an algorithm
+  added a value head (PPO), the value of the state before it (a linear head on
+  the final hidden state).
 """
 
 from __future__ import annotations
@@ -20,15 +21,58 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtrl.errors import MtrlError
-from mtrl.recipe import GenerationConfig, PolicyConfig
 from mtrl.sampling import sampling_kwargs
+
+TINY_MARIAN = "mtrl:tiny-marian"  # policy.model name of the shipped warm start (mtrl/data/tiny-marian)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class PolicyConfig:
+    model: str = ""  # hub id, local path, "mtrl:tiny-marian" (shipped) or "warmstart" (trained by warm_start); required
+    kind: Literal["auto", "seq2seq", "causal"] = "auto"
+    tokenizer: str | None = None  # defaults to the model's
+    # Causal LMs: the user turn / prompt. {source}, {src_lang}, {tgt_lang} are filled in.
+    prompt: str = "Translate the following {src_lang} text into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:"
+    chat_template: Literal["auto", "never"] = "auto"  # use the tokenizer's chat template when it has one
+    # Seq2seq: text put before each source (mT5 style), and NLLB/M2M language codes (e.g. eng_Latn, deu_Latn).
+    source_prefix: str = ""
+    src_lang_code: str | None = None
+    tgt_lang_code: str | None = None
+    max_source_tokens: int = 256
+    lora: LoraConfig | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    # PPO value head: a linear head on the final hidden state. "detached": the value loss trains the head only
+    # (a large, noisy value loss cannot swamp the policy gradient through the shared trunk); "shared": also the trunk.
+    value_trunk: Literal["detached", "shared"] = "detached"
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eval_num_beams: int = 1
+    eval_batch_size: int = 64
+    # rollout log-probs/values: from the sampling pass ("generate": no extra forward, keeps B x T x V logits
+    # while sampling) or from a teacher-forced pass ("forward": less memory for very large vocabularies)
+    rollout_logprobs: Literal["generate", "forward"] = "generate"
 
 
 @dataclass
@@ -47,6 +91,7 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
     """Load a hub id or local directory; one clear error when it cannot be had offline."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    name = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(name)
         kind = detect_kind(config) if kind == "auto" else kind
@@ -74,12 +119,7 @@ class Policy(nn.Module):
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
         self.cfg = cfg or PolicyConfig(model="")
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
-        hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
-            else model.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
-        nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(next(model.parameters()).dtype)
+        self.value_head: nn.Linear | None = None
         self.forced_bos_token_id = None
         if self.cfg.tgt_lang_code:
             if hasattr(tokenizer, "get_lang_id"):  # M2M100
@@ -89,6 +129,16 @@ class Policy(nn.Module):
         if self.cfg.src_lang_code and hasattr(tokenizer, "src_lang"):
             tokenizer.src_lang = self.cfg.src_lang_code
         tokenizer.padding_side = "right" if kind == "seq2seq" else "left"
+
+    def add_value_head(self) -> nn.Linear:
+        """A linear value head on the final hidden state (PPO's critic); small random init, zero bias."""
+        hidden = self.model.config.get_text_config().hidden_size if hasattr(self.model.config, "get_text_config") \
+            else self.model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+        return self.value_head
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +190,7 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def sample(self, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationConfig,
-               with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, PolicyOutput]:
+               with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor, PolicyOutput]:
         """Sampled responses, their mask, and the sampling pass's own log-probs (and values): no second forward.
 
         The log-probs come from the raw logits of every step (``output_logits``, before
@@ -180,9 +230,12 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ scoring
     def forward(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-                response_mask: torch.Tensor, temperature: float = 1.0, with_values: bool = True,
+                response_mask: torch.Tensor, temperature: float = 1.0, with_values: bool | None = None,
                 model: Any = None, with_entropy: bool = True) -> PolicyOutput:
+        """Log-probs (and entropy, values) of given responses, teacher-forced; ``with_values`` None: when a
+        value head exists."""
         model = model if model is not None else self.model
+        with_values = self.value_head is not None if with_values is None else with_values
         if self.kind == "seq2seq":
             start = model.config.decoder_start_token_id
             dec_in = torch.cat([torch.full_like(responses[:, :1], start), responses[:, :-1]], dim=1)
@@ -249,8 +302,17 @@ def apply_lora(model: Any, kind: str, cfg: Any) -> Any:
                                             lora_dropout=cfg.dropout, target_modules=cfg.target_modules))
 
 
+def resolve_model(name: str) -> str:
+    """``mtrl:tiny-marian`` -> the shipped model's directory; anything else unchanged (hub id or path)."""
+    if name == TINY_MARIAN:
+        from mtrl.warmstart import TINY_MARIAN as shipped
+
+        return str(shipped)
+    return name
+
+
 def build_policy(cfg: PolicyConfig, model_path: str, src_lang: str, tgt_lang: str) -> Policy:
-    model, tok, kind = load_model_and_tokenizer(model_path, cfg.kind, cfg.tokenizer, cfg.dtype)
+    model, tok, kind = load_model_and_tokenizer(resolve_model(model_path), cfg.kind, cfg.tokenizer, cfg.dtype)
     if cfg.lora is not None:
         model = apply_lora(model, kind, cfg.lora)
     if cfg.gradient_checkpointing:

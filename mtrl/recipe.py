@@ -1,13 +1,18 @@
 """Training recipes: a typed schema, validated on load.
 
-A recipe is YAML whose sections mirror the dataclasses below. Loading checks
-every key and value and names the bad key with the closest valid one or the
-allowed values. ``key.sub=value`` overrides (from the command line) are applied
+A recipe is YAML whose sections are the config classes of the modules that use
+them (``policy``/``generation``: :mod:`mtrl.policy`; ``detector``:
+:mod:`mtrl.detectors`; ``reward``: :mod:`mtrl.rewards`; ``algorithm``: the chosen
+algorithm's own config in :mod:`mtrl.algorithms`; ``offline``: :mod:`mtrl.label`).
+Loading checks every key and value and names the bad key with the closest valid
+one or the allowed values; a key the chosen algorithm does not use is an error
+that names the algorithm. ``key.sub=value`` overrides (from the command line) are applied
 before validation. The resolved recipe is saved in the run directory.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -18,36 +23,12 @@ from typing import Any, Literal
 
 import yaml
 
+from mtrl.algorithms import ALGORITHMS, AlgorithmConfig, PPOConfig
+from mtrl.detectors import DetectorConfig
 from mtrl.errors import MtrlError
-
-
-@dataclass
-class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-
-
-@dataclass
-class PolicyConfig:
-    model: str = ""  # hub id, local path, or "warmstart" (the recipe's warm_start output); required
-    kind: Literal["auto", "seq2seq", "causal"] = "auto"
-    tokenizer: str | None = None  # defaults to the model's
-    # Causal LMs: the user turn / prompt. {source}, {src_lang}, {tgt_lang} are filled in.
-    prompt: str = "Translate the following {src_lang} text into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:"
-    chat_template: Literal["auto", "never"] = "auto"  # use the tokenizer's chat template when it has one
-    # Seq2seq: text put before each source (mT5 style), and NLLB/M2M language codes (e.g. eng_Latn, deu_Latn).
-    source_prefix: str = ""
-    src_lang_code: str | None = None
-    tgt_lang_code: str | None = None
-    max_source_tokens: int = 256
-    lora: LoraConfig | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    gradient_checkpointing: bool = False
-    # PPO value head: a linear head on the final hidden state. "detached": the value loss trains the head only
-    # (a large, noisy value loss cannot swamp the policy gradient through the shared trunk); "shared": also the trunk.
-    value_trunk: Literal["detached", "shared"] = "detached"
+from mtrl.label import OfflineConfig
+from mtrl.policy import GenerationConfig, PolicyConfig
+from mtrl.rewards import RewardConfig
 
 
 @dataclass
@@ -71,82 +52,6 @@ class DataConfig:
 
 
 @dataclass
-class DetectorConfig:
-    name: Literal["reference", "xcomet", "gold", "bleu", "chrf"] = "reference"  # bleu/chrf: score only
-    model: str | None = None  # xcomet: hub id or local checkpoint
-    batch_size: int = 16
-    use_reference: bool = False  # xcomet: QE (source + hypothesis) like Ramos et al., or with the reference
-    path: str | None = None  # gold: annotated rows
-    options: dict[str, Any] = field(default_factory=dict)  # more constructor options, e.g. reference: omission_weight
-
-
-@dataclass
-class RewardSection:
-    mode: Literal["token", "sentence", "hybrid", "r3hf"] = "token"
-    severity_map: str | dict[str, float] = "xcomet"
-    token_rewards: Literal["max", "spread"] = "max"
-    no_error: float = 0.0
-    hybrid_weight: float = 1.0
-    scale: float = 1.0  # multiply all task rewards (e.g. 0.1 to bring -10 penalties near the KL scale)
-    # r3hf: the scorer of every prefix; hybrid: the sentence score added at the last token
-    scorer: Literal["detector", "chrf", "bleu", "comet"] = "detector"
-    scorer_model: str | None = None  # scorer comet: hub id or local checkpoint
-    r3hf_level: Literal["token", "word"] = "token"
-    hybrid_sentence: Literal["last", "r3hf"] = "last"  # hybrid: scorer's score on the last token, or r3hf-spread
-
-
-@dataclass
-class AlgorithmConfig:
-    # qsft: offline, see the `offline` section; grpo: TRL's GRPOTrainer, sequence-level (causal policies)
-    name: Literal["ppo", "reinforce", "rloo", "qsft", "grpo"] = "ppo"
-    lr: float = 1e-5
-    value_lr: float | None = 1e-3  # the value head's own learning rate (a fresh linear head); null: same as lr
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 32  # prompts per step
-    samples_per_prompt: int = 1  # rloo needs >= 2
-    epochs: int = 2  # PPO epochs over each batch of rollouts
-    minibatch_size: int = 16
-    clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    kl_coef: float = 0.05
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_target: float | None = None  # adaptive KL controller (Ziegler et al. 2019) when set
-    kl_horizon: int = 10000
-    weight_decay: float = 0.0
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eval_num_beams: int = 1
-    eval_batch_size: int = 64
-    # rollout log-probs/values: from the sampling pass ("generate": no extra forward, keeps B x T x V logits
-    # while sampling) or from a teacher-forced pass ("forward": less memory for very large vocabularies)
-    rollout_logprobs: Literal["generate", "forward"] = "generate"
-
-
-@dataclass
-class OfflineConfig:
-    """Offline RL (algorithm.name: qsft): a labelled dataset, or one sampled from the policy and labelled here."""
-
-    data: str | None = None  # JSONL from `mtrl label` (token_ids, token_rewards); null: sample + label here
-    num_sources: int = 500  # sources taken from data.train to sample from
-    samples_per_source: int = 4
-    temperature: float = 1.0  # sampling temperature; Q-SFT then reads π_β (and p_θ) at it
-    qsft: dict[str, Any] = field(default_factory=dict)  # mtrl.algorithms.qsft.QSFTConfig fields
-
-
-@dataclass
 class TrainConfig:
     steps: int = 100
     log_every: int = 1
@@ -166,8 +71,8 @@ class Recipe:
     warm_start: WarmStartSection = field(default_factory=WarmStartSection)
     data: DataConfig = field(default_factory=DataConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    reward: RewardSection = field(default_factory=RewardSection)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=PPOConfig)  # its keys depend on algorithm.name
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -245,7 +150,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise MtrlError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
+def _build(cls: Any, data: dict[str, Any], where: str, owner: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -254,25 +159,46 @@ def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise MtrlError(f"unknown key '{path}'{hint}")
-        kwargs[key] = _convert(value, hints[key], path)
+            raise MtrlError(f"unknown key '{path}'{owner}{hint}")
+        if cls is Recipe and key == "algorithm":
+            kwargs[key] = _algorithm(value, path)
+        else:
+            kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)
+
+
+def _algorithm(value: Any, where: str) -> AlgorithmConfig:
+    """The ``algorithm:`` section, validated against the config class of ``algorithm.name``."""
+    if not isinstance(value, dict):
+        raise MtrlError(f"{where}: expected a mapping, got {value!r}")
+    name = value.get("name", "ppo")
+    if name not in ALGORITHMS:
+        raise MtrlError(f"{where}.name: {name!r} is not allowed; allowed: " + ", ".join(map(repr, ALGORITHMS)))
+    try:
+        return _build(ALGORITHMS[name][0], value, where, owner=f" (algorithm {name} does not use it)")
+    except MtrlError as e:
+        if "does not use it" not in str(e):
+            raise
+        raise MtrlError(f"{e} (to switch algorithm with an override, replace the whole section: "
+                        f"\"algorithm={{name: {name}, lr: ...}}\")") from None
 
 
 def _check_semantics(r: Recipe) -> None:
     a = r.algorithm
     checks = [
-        (a.batch_size >= 1, "algorithm.batch_size must be >= 1"),
-        (a.minibatch_size >= 1, "algorithm.minibatch_size must be >= 1"),
+        (getattr(a, "batch_size", 1) >= 1, "algorithm.batch_size must be >= 1"),
+        (getattr(a, "minibatch_size", 1) >= 1, "algorithm.minibatch_size must be >= 1"),
         (a.name not in ("rloo", "grpo") or a.samples_per_prompt >= 2,
          f"algorithm.samples_per_prompt must be >= 2 for {a.name}"),
-        (0 <= a.lam <= 1 and 0 <= a.gamma <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]"),
+        (0 <= getattr(a, "lam", 0) <= 1 and 0 <= getattr(a, "gamma", 0) <= 1,
+         "algorithm.gamma and algorithm.lam must be in [0, 1]"),
         (a.lr > 0, "algorithm.lr must be > 0"),
+        (a.name != "qsft" or r.reward.mode in ("token", "sentence"), "reward.mode must be 'token' or 'sentence' for qsft"),
         (r.train.steps >= 1, "train.steps must be >= 1"),
         (r.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
         (r.generation.temperature > 0, "generation.temperature must be > 0"),
         (0 < r.generation.top_p <= 1, "generation.top_p must be in (0, 1]"),
-        (bool(r.policy.model), "policy.model is required (a hub id, a local path, or 'warmstart')"),
+        (bool(r.policy.model), "policy.model is required (a hub id, a local path, 'mtrl:tiny-marian' or 'warmstart')"),
         (r.policy.model != "warmstart" or r.warm_start.enabled,
          "policy.model is 'warmstart' but warm_start.enabled is false"),
         (r.detector.name != "gold" or r.detector.path, "detector.path is needed for the gold detector"),
@@ -280,22 +206,6 @@ def _check_semantics(r: Recipe) -> None:
     for ok, msg in checks:
         if not ok:
             raise MtrlError(msg)
-    from mtrl.spans import get_severity_map
-
-    get_severity_map(r.reward.severity_map)
-    if a.name == "qsft":
-        if r.reward.mode not in ("token", "sentence"):
-            raise MtrlError("reward.mode must be 'token' or 'sentence' for qsft")
-        from mtrl.algorithms.qsft import QSFTConfig
-
-        allowed = [f.name for f in dataclasses.fields(QSFTConfig) if f.name not in ("policy", "src_lang", "tgt_lang")]
-        hints = typing.get_type_hints(QSFTConfig)
-        for key, value in r.offline.qsft.items():
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
-                raise MtrlError(f"unknown key 'offline.qsft.{key}'{hint}")
-            r.offline.qsft[key] = _convert(value, hints[key], f"offline.qsft.{key}")  # types, as for any key
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -311,7 +221,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides must not reach into the caller's nested sections
     for ov in overrides:
         keys, value = parse_override(ov)
         node = data

@@ -10,10 +10,17 @@ Multi30k in a few CPU minutes:
 4. save model + tokenizer into ``RUN_DIR/warmstart/`` atomically, with ``warmstart.json``.
 
 A rerun with the same settings and training data finds ``warmstart.json`` and skips the stage.
+
+The model the default settings give is also built once and shipped in the package, in fp16:
+``TINY_MARIAN`` (``mtrl/data/tiny-marian/``, see ``mtrl/data/README.md``). Rebuild it with
+``python -m mtrl.warmstart --output mtrl/data/tiny-marian``; ``python -m mtrl.warmstart --help``
+lists the options (one per ``WarmStartConfig`` field).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,7 +29,9 @@ import math
 import os
 import random
 import resource
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -30,8 +39,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
@@ -44,6 +55,9 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "warmstart.json"
 CACHE_VERSION = 1  # bump when a code change makes older warm starts stale
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 (Marian convention: decoder starts with pad)
+# The shipped warm-start model: the default WarmStartConfig trained once, saved in fp16 (load it with
+# MarianMTModel.from_pretrained(TINY_MARIAN, dtype=torch.float32)); warmstart.json there has the rebuild command.
+TINY_MARIAN = Path(__file__).parent / "data" / "tiny-marian"
 
 
 @dataclass
@@ -118,6 +132,16 @@ def warm_start(config: WarmStartConfig | Mapping[str, Any], run_dir: Path, progr
     if out_dir.exists():
         logger.info("warm start: %s holds a model with other settings or data; retraining", out_dir)
 
+    model, tokenizer, stats = train_from_scratch(cfg, pairs, progress)
+    save_atomically(model, tokenizer, {**key, "stats": stats}, out_dir)
+    logger.info("warm start: saved %s (%s)", out_dir, stats)
+    return out_dir
+
+
+def train_from_scratch(
+    cfg: WarmStartConfig, pairs: list[tuple[str, str]], progress: bool = True
+) -> tuple[MarianMTModel, PreTrainedTokenizerFast, dict[str, Any]]:
+    """Seed, train the tokenizer, build and train the model; returns (model, tokenizer, stats)."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
     tokenizer = train_tokenizer([s for p in pairs for s in p], cfg.vocab_size, cfg.tokenizer)
@@ -130,9 +154,7 @@ def warm_start(config: WarmStartConfig | Mapping[str, Any], run_dir: Path, progr
         parameters=sum(p.numel() for p in model.parameters()),
         train_pairs=len(pairs),
     )
-    save_atomically(model, tokenizer, {**key, "stats": stats}, out_dir)
-    logger.info("warm start: saved %s (%s)", out_dir, stats)
-    return out_dir
+    return model, tokenizer, stats
 
 
 def is_cached(out_dir: Path, key: Mapping[str, Any]) -> bool:
@@ -319,9 +341,20 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return src, (src != 0).long(), decoder_input_ids, tgt
 
 
-def save_atomically(model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, settings: dict, out_dir: Path) -> None:
+def save_atomically(
+    model: MarianMTModel,
+    tokenizer: PreTrainedTokenizerFast,
+    settings: dict,
+    out_dir: Path,
+    half: bool = False,
+) -> None:
     """Write into a temp dir next to ``out_dir`` and rename it into place, so a crash never
-    leaves a half-written model that a rerun would take for a finished one."""
+    leaves a half-written model that a rerun would take for a finished one.
+
+    ``half=True`` saves an fp16 copy of the weights (half the size; ``model`` itself is unchanged).
+    """
+    if half:
+        model = copy.deepcopy(model).half()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -331,6 +364,8 @@ def save_atomically(model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, se
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        for f in tmp.iterdir():  # safetensors writes model.safetensors private (0600) too
+            os.chmod(f, 0o666 & ~umask)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f"{tmp.name}-old")
@@ -341,3 +376,115 @@ def save_atomically(model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, se
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- command line: build a warm-start model directory (the shipped TINY_MARIAN) --------------------
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # "mtrl: error: ..." and status 2, like the mtrl CLI
+        self.print_usage(sys.stderr)
+        self.exit(2, f"mtrl: error: {message}\n")
+
+
+_ARG_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="python -m mtrl.warmstart",
+        description="Train a warm-start Marian model from scratch (mtrl.warmstart.WarmStartConfig) and save "
+        "it in fp16 with its tokenizer and warmstart.json (settings, stats, the command that rebuilds it). "
+        "The defaults build the shipped model: python -m mtrl.warmstart --output mtrl/data/tiny-marian",
+    )
+    parser.add_argument("--output", required=True, type=Path,
+                        help="directory to write (replaced atomically if it holds an earlier warm start)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice; results may depend on it)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group(
+        "training settings (WarmStartConfig fields; the defaults build the shipped model)"
+    )
+    for f in dataclasses.fields(WarmStartConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action="store_true", default=None, help=f"(default: {f.default})")
+            continue
+        kind = _ARG_TYPES[f.type.split(" | ")[0]]
+        if f.name == "split":  # "none" for --data files; by default none for files, "train" for multi30k
+            group.add_argument(flag, default=None, metavar="SPLIT",
+                               help=f"'none' for data files (default: {f.default} for builtin corpora)")
+            continue
+        metavar = {int: "N", float: "X"}.get(kind, f.name.upper())
+        group.add_argument(flag, type=kind, default=None, metavar=metavar, help=f"(default: {f.default})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> WarmStartConfig:
+    names = [f.name for f in dataclasses.fields(WarmStartConfig)]
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if "split" in options:
+        options["split"] = None if options["split"].lower() == "none" else options["split"]
+    elif "data" in options and options["data"] != "multi30k":
+        options["split"] = None
+    cfg = WarmStartConfig(**options)
+    cfg.check()
+    if cfg.limit is not None and cfg.limit < 1:
+        raise MtrlError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.vocab_size < 4:
+        raise MtrlError(f"--vocab-size must be >= 4, got {cfg.vocab_size}")
+    if min(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.encoder_layers, cfg.decoder_layers) < 1:
+        raise MtrlError("--d-model, --heads, --ffn-dim, --encoder-layers and --decoder-layers must be >= 1")
+    return cfg
+
+
+def build(cfg: WarmStartConfig, out_dir: Path, command: str, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` and write ``out_dir`` (fp16 weights, tokenizer, warmstart.json); returns the settings."""
+    out_dir = Path(out_dir)
+    # save_atomically replaces out_dir: never do that to something that is not an earlier build
+    earlier = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / SETTINGS_FILE).is_file())
+    if out_dir.exists() and not earlier:
+        raise MtrlError(f"--output {out_dir} exists and is not an (empty or earlier) warm-start directory")
+    pairs = load_parallel(cfg.data, cfg.split, reverse=cfg.reverse, limit=cfg.limit)
+    if not pairs:
+        raise MtrlError(f"warm start: no training pairs in {cfg.data!r}")
+    model, tokenizer, stats = train_from_scratch(cfg, pairs, progress)
+    settings = {
+        "version": CACHE_VERSION,
+        "config": asdict(cfg),
+        "data_sha256": fingerprint(pairs),
+        "stats": {**stats, "threads": torch.get_num_threads()},
+        "dtype": "float16",
+        "command": command,
+        "software": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+    }
+    save_atomically(model, tokenizer, settings, out_dir, half=True)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise MtrlError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        command = shlex.join(["python", "-m", "mtrl.warmstart", *argv])
+        settings = build(cfg, args.output, command, progress=not args.quiet)
+    except MtrlError as e:
+        print(f"mtrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtrl: interrupted", file=sys.stderr)
+        return 130
+    stats = settings["stats"]
+    print(f"mtrl: wrote {args.output} ({stats['parameters']:,} parameters, {stats['steps']} steps, "
+          f"final loss {stats['final_loss']}, {stats['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from mtrl.algorithms.ppo import AdaptiveKLController, gae, kl_penalty, masked_whiten, policy_loss, value_loss
+from mtrl.algorithms.reinforce import ReinforceConfig, leave_one_out_baseline, returns_to_go
 from mtrl.algorithms.reinforce import advantages as pg_advantages
-from mtrl.algorithms.reinforce import leave_one_out_baseline, returns_to_go
-from mtrl.recipe import AlgorithmConfig
 
 
 def test_gae_gamma_one_lambda_half_by_hand():
@@ -92,7 +91,7 @@ def test_reinforce_batch_baseline_by_hand():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     g = returns_to_go(rewards, mask.float())
     assert torch.allclose(g, torch.tensor([[3.0, 2.0, 2.0], [1.0, 1.0, 0.0]]))
-    cfg = AlgorithmConfig(name="reinforce", whiten_advantages=False)
+    cfg = ReinforceConfig(name="reinforce", whiten_advantages=False)
     adv = pg_advantages(rewards, mask, torch.tensor([0, 1]), cfg)
     assert torch.allclose(adv, torch.tensor([[1.0, 0.5, 0.0], [-1.0, -0.5, 0.0]]))
 
@@ -105,6 +104,17 @@ def test_rloo_leave_one_out_by_hand():
     base = leave_one_out_baseline(g, mask, group)
     # row 0's baseline is row 1's returns (position 2: row 1 has no token -> 0); row 2 is alone -> 0
     assert torch.allclose(base, torch.tensor([[1.0, 1.0, 0.0], [3.0, 2.0, 2.0], [0.0, 0.0, 0.0]]))
-    cfg = AlgorithmConfig(name="rloo", samples_per_prompt=2, whiten_advantages=False)
+    cfg = ReinforceConfig(name="rloo", samples_per_prompt=2, whiten_advantages=False)
     adv = pg_advantages(rewards, mask, group, cfg)
     assert torch.allclose(adv, torch.tensor([[2.0, 1.0, 2.0], [-2.0, -1.0, 0.0], [5.0, 0.0, 0.0]]))
+
+
+def test_shared_helpers_are_one_copy():
+    """PPO re-exports the helpers it shares with REINFORCE from ``common``: one definition, not two."""
+    from mtrl.algorithms import common, ppo, reinforce
+
+    for name in ("AdaptiveKLController", "kl_penalty", "masked_whiten"):
+        assert getattr(ppo, name) is getattr(common, name)
+    assert reinforce.masked_mean is common.masked_mean is ppo.masked_mean
+    assert issubclass(ppo.PPOConfig, common.OnPolicyConfig) and issubclass(ReinforceConfig, common.OnPolicyConfig)
+    assert not hasattr(ReinforceConfig(), "value_lr")  # a PPO-only key

@@ -81,6 +81,28 @@ def test_sentence_and_hybrid_modes(tokenizer_dir, tmp_path):
     assert sum(rows["hybrid"]["token_rewards"]) == pytest.approx(sum(rows["token"]["token_rewards"]) + 0.5 * score)
 
 
+def test_hybrid_chrf_spread_by_r3hf_with_scale(tokenizer_dir, tmp_path):
+    """hybrid + chrF spread over the tokens (R3HF), the quickstart's training reward, is computed
+    (no longer refused): beyond the span penalties the tokens carry scale x weight x (chrF(hyp) - chrF(""))."""
+    from sacrebleu import sentence_chrf
+
+    hyp, ref = "Ein Hund läuft über die Wiese.", "Eine Katze läuft über die grüne Wiese."
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"src": "A cat runs over the green meadow.", "mt": hyp, "ref": ref}) + "\n")
+    common = ("score", "--input", str(inp), "--tokenizer", str(tokenizer_dir), "--reward-mode", "hybrid",
+              "--reward-scale", "0.5")
+    spread = mtrl(*common, "--scorer", "chrf", "--hybrid-sentence", "r3hf", "--hybrid-weight", "2")
+    spans_only = mtrl(*common, "--hybrid-weight", "0")
+    assert spread.returncode == 0, spread.stderr
+    assert spans_only.returncode == 0, spans_only.stderr
+    a, b = json.loads(spread.stdout), json.loads(spans_only.stdout)
+    assert a["token_ids"] == b["token_ids"] and a["spans"] == b["spans"] and a["spans"]
+    extra = [x - y for x, y in zip(a["token_rewards"], b["token_rewards"])]
+    chrf = sentence_chrf(hyp, [ref]).score - sentence_chrf("", [ref]).score
+    assert sum(extra) == pytest.approx(0.5 * 2 * chrf, abs=1e-3)
+    assert sum(abs(x) > 1e-6 for x in extra) > 1  # spread, not all on the last token
+
+
 def test_bad_inputs_one_line_no_traceback(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\n")
     (tmp_path / "b.txt").write_text("one\n")

@@ -81,7 +81,11 @@ def test_markdown_comet_skipped_and_detector(tmp_path):
 def test_comet_with_a_local_checkpoint(tiny_xcomet_ckpt):
     res = evaluate_systems({"a": ["Ein Mann fährt KAPUTT Fahrrad."]}, [["Ein Mann fährt Fahrrad."]],
                            ["A man rides a bike."], metrics=["comet", "detector"], comet_model=str(tiny_xcomet_ckpt))
-    assert 0.0 <= res["a"]["comet"]["score"] <= 1.0 and res["a"]["detector"]["major_per_segment"] >= 0
+    assert 0.0 <= res["a"]["comet"]["score"] <= 1.0
+    # The default (reference) detector runs next to COMET: KAPUTT, absent from the reference, is one major error.
+    det = res["a"]["detector"]
+    assert det["detector"] == "reference" and det["major_per_segment"] == 1.0
+    assert det["minor_per_segment"] == det["critical_per_segment"] == 0.0
     assert "| a |" in format_markdown(res)
 
 

@@ -10,6 +10,7 @@ from transformers import MarianConfig, MarianMTModel
 from mtrl.datasets import load_parallel
 from mtrl.errors import MtrlError
 from mtrl.evaluate import corpus_metrics, format_table, translate
+from mtrl.policy import GenerationConfig, Policy
 from mtrl.warmstart import train_tokenizer
 
 PAIRS = load_parallel("multi30k", "val", limit=200)
@@ -21,36 +22,31 @@ def tokenizer():
     return train_tokenizer([t for p in PAIRS for t in p], vocab_size=500)
 
 
-class EchoModel(torch.nn.Module):
-    """Stands in for a seq2seq model: 'generates' its (padded) input, so the output is the source."""
+class EchoPolicy:
+    """Stands in for a Policy: 'translates' each source into itself and records the batches it was given."""
 
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.batch_shapes: list[tuple[int, ...]] = []
+    def __init__(self, tokenizer):
+        self.tokenizer, self.batches = tokenizer, []
 
-    @property
-    def device(self) -> torch.device:
-        return self.dummy.device
+    def encode_sources(self, sources):
+        enc = self.tokenizer(list(sources), padding=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        assert not self.training and not torch.is_grad_enabled()
-        assert kwargs["do_sample"] is False and kwargs["use_cache"] is True
-        self.batch_shapes.append(tuple(input_ids.shape))
-        assert torch.equal(attention_mask, (input_ids != 0).long())  # right padding with pad id 0
-        return input_ids
+    def generate(self, queries, query_mask, gen, sample=True):
+        assert sample is False and not torch.is_grad_enabled()  # greedy, no autograd
+        self.batches.append(list(query_mask.sum(1)))
+        return queries, query_mask
 
 
 def test_translate_keeps_input_order_with_length_sorted_batches(tokenizer):
     sources = SOURCES[:37]
-    model = EchoModel().train()
-    out = translate(model, tokenizer, sources, batch_size=8)
+    policy = EchoPolicy(tokenizer)
+    out = translate(policy, sources, GenerationConfig(eval_batch_size=8))
     assert out == sources
-    assert [s[0] for s in model.batch_shapes] == [8, 8, 8, 8, 5]
-    widths = [s[1] for s in model.batch_shapes]
-    assert widths == sorted(widths, reverse=True)  # longest first: batches grouped by length
-    assert model.training  # mode restored
-    assert translate(model, tokenizer, []) == []
+    assert [len(b) for b in policy.batches] == [8, 8, 8, 8, 5]
+    longest = [max(b) for b in policy.batches]
+    assert longest[0] < longest[-1]  # batches grouped by length, shortest first
+    assert translate(policy, [], GenerationConfig()) == []
 
 
 def test_translate_with_a_real_marian_model(tokenizer):
@@ -59,10 +55,10 @@ def test_translate_with_a_real_marian_model(tokenizer):
                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
                           decoder_ffn_dim=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     model = MarianMTModel(config).eval()
-    out = translate(model, tokenizer, SOURCES[:5], batch_size=2, max_new_tokens=6)
+    out = translate(Policy(model, tokenizer, "seq2seq"), SOURCES[:5],
+                    GenerationConfig(max_new_tokens=6, eval_batch_size=2))
     assert len(out) == 5 and all(isinstance(t, str) for t in out)
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= 6 for t in out)
-    assert not model.training
 
 
 def test_corpus_metrics_match_sacrebleu():

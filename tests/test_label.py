@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from mtrl.detectors import load_detector
 from mtrl.detectors.reference import ReferenceDetector
 from mtrl.label import label, read_mt_outputs, sample_rows
+from mtrl.rewards import RewardConfig, Rewarder
 from tests.fixtures.tokenizers import get_tokenizer
 
 TSV = ("lp\tsource\tref_A\thyp_A\thyp_B\n"
@@ -23,12 +25,17 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def rewarder(tokenizer=None, **reward) -> Rewarder:
+    """The reference detector's token rewards (a fresh cache each time, as a new process would have)."""
+    return Rewarder(RewardConfig(**reward), load_detector("reference"), tokenizer)
+
+
 def test_label_tsv_outputs(tmp_path):
     (tmp_path / "sys.tsv").write_text(TSV)
     rows = read_mt_outputs(tmp_path / "sys.tsv")
     assert len(rows) == 6 and {r["system"] for r in rows} == {"A", "B"}
     out = tmp_path / "out" / "labelled.jsonl"
-    counts = label(rows, out, tokenizer=get_tokenizer("unigram"), progress=False)
+    counts = label(rows, out, rewarder(get_tokenizer("unigram")), progress=False)
     # 6 rows: one empty hypothesis (rejected), one exact duplicate ("Eine Katze 12." for both systems)
     assert counts == {"labelled": 4, "reused": 0, "duplicates": 1, "rejected": 1, "rows": 4}
     got = read(out)
@@ -47,7 +54,8 @@ def test_label_tsv_outputs(tmp_path):
 def test_over_length_and_missing_reference_are_rejected(tmp_path):
     rows = [{"src": "x", "mt": "ein " * 50, "ref": "ein"}, {"src": "y", "mt": "zwei", "ref": None},
             {"src": "z", "mt": "drei", "ref": "drei"}]
-    counts = label(rows, tmp_path / "o.jsonl", tokenizer=get_tokenizer("unigram"), max_tokens=20, progress=False)
+    counts = label(rows, tmp_path / "o.jsonl", rewarder(get_tokenizer("unigram")), max_tokens=20,
+                   progress=False)
     assert counts["rejected"] == 2 and counts["rows"] == 1
     reasons = [r["reason"] for r in read(tmp_path / "o.rejected.jsonl")]
     assert reasons[0].startswith("over-length: ") and reasons[1] == "missing reference"
@@ -67,11 +75,11 @@ def test_resume_after_a_crash_skips_finished_chunks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ReferenceDetector, "detect", crashing)
     with pytest.raises(KeyboardInterrupt):
-        label(rows, out, chunk_size=4, progress=False)
+        label(rows, out, rewarder(), chunk_size=4, progress=False)
     assert not out.exists() and len(read(out.with_name("o.jsonl.partial"))) == 4  # nothing half-written
     calls.clear()
     monkeypatch.setattr(ReferenceDetector, "detect", real)
-    counts = label(rows, out, chunk_size=4, progress=False)
+    counts = label(rows, out, rewarder(), chunk_size=4, progress=False)
     assert counts["reused"] == 4 and counts["labelled"] == 6 and len(read(out)) == 10
     assert [r["mt"] for r in read(out)] == [r["mt"] for r in rows]  # input order kept
 
@@ -81,6 +89,75 @@ def test_sample_rows_from_a_policy(tiny_seq2seq):
                        max_new_tokens=5, progress=False)
     assert len(rows) == 6 and [r["sample"] for r in rows] == [0, 1, 2, 0, 1, 2]
     assert all(r["ref"] in ("Ein Mann.", "Ein Hund.") and isinstance(r["mt"], str) for r in rows)
+    assert all(isinstance(r["token_ids"], list) and 1 <= len(r["token_ids"]) <= 5 for r in rows)
+
+
+def test_labelled_samples_carry_the_sampled_token_ids(tiny_seq2seq, tmp_path):
+    """Labelling rewards the ids that were sampled, not the hypothesis re-encoded."""
+    from mtrl.score import load_tokenizer
+
+    pairs = [("A man rides a bike.", "Ein Mann fährt Fahrrad."), ("Two dogs play.", "Zwei Hunde spielen.")]
+    rows = sample_rows(str(tiny_seq2seq), pairs, samples=3, max_new_tokens=8, progress=False)
+    tok = load_tokenizer(str(tiny_seq2seq))
+    out = tmp_path / "l.jsonl"
+    counts = label(rows, out, rewarder(tok), progress=False)
+    got = read(out)
+    assert counts["rows"] == len(got) >= 1
+    sampled: dict[tuple, list[int]] = {}
+    for r in rows:  # a repeated (src, mt, ref) row is labelled once, as its first occurrence
+        sampled.setdefault((r["src"], r["mt"], r["ref"]), r["token_ids"])
+    for r in got:
+        assert r["token_ids"] == sampled[(r["src"], r["mt"], r["ref"])]
+        assert len(r["token_rewards"]) == len(r["token_ids"]) == len(r["tokens"])
+
+
+def test_sample_rows_prompts_name_the_given_languages(tiny_causal, monkeypatch):
+    """A causal policy's prompt names src_lang/tgt_lang (labels used to hard-code English/German)."""
+    import mtrl.policy
+
+    built = []
+    real = mtrl.policy.build_policy
+
+    def spy(cfg, model_path, src_lang, tgt_lang):
+        built.append(real(cfg, model_path, src_lang, tgt_lang))
+        return built[-1]
+
+    monkeypatch.setattr(mtrl.policy, "build_policy", spy)
+    rows = sample_rows(str(tiny_causal), [("Un chat dort.", "Un gato duerme.")], samples=2, max_new_tokens=4,
+                       src_lang="French", tgt_lang="Spanish", progress=False)
+    assert len(rows) == 2 and len(built) == 1
+    policy = built[0]
+    assert (policy.src_lang, policy.tgt_lang) == ("French", "Spanish")
+    prompt = policy.prompt_text("Un chat dort.")
+    assert "French" in prompt and "Spanish" in prompt
+    assert "English" not in prompt and "German" not in prompt
+    # and the prompt the policy was sampled with is that one
+    queries, _ = policy.encode_sources(["Un chat dort."])
+    assert "French" in policy.tokenizer.decode(queries[0]) and "Spanish" in policy.tokenizer.decode(queries[0])
+
+
+def test_cli_label_passes_the_languages_to_sampling(tiny_causal, small_data, tmp_path, monkeypatch):
+    import mtrl.label
+    from mtrl.cli import main
+
+    seen = {}
+    real = mtrl.label.sample_rows
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mtrl.label, "sample_rows", spy)
+    out = tmp_path / "l.jsonl"
+    assert main(["label", "--policy", str(tiny_causal), "--data", str(small_data[0]), "--max-sources", "2",
+                 "--samples", "1", "--max-new-tokens", "4", "--src-lang", "French", "--tgt-lang", "Spanish",
+                 "--output", str(out), "--quiet"]) == 0
+    assert seen["src_lang"] == "French" and seen["tgt_lang"] == "Spanish"
+    assert all(len(r["token_rewards"]) == len(r["token_ids"]) for r in read(out))
+    seen.clear()
+    assert main(["label", "--policy", str(tiny_causal), "--data", str(small_data[0]), "--max-sources", "1",
+                 "--samples", "1", "--max-new-tokens", "2", "--output", str(tmp_path / "d.jsonl"), "--quiet"]) == 0
+    assert (seen["src_lang"], seen["tgt_lang"]) == ("English", "German")  # the defaults
 
 
 def test_cli_label_and_its_errors(tmp_path):

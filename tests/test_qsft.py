@@ -16,10 +16,11 @@ from mtrl.algorithms.qsft import (
     QSFTCollator,
     QSFTConfig,
     QSFTLogitsProcessor,
+    batch_loss,
     bellman_targets,
     build_features,
     combine_logprobs,
-    make_trainer,
+    fit_stage,
     monte_carlo_targets,
     polyak_update,
     qsft_loss,
@@ -150,6 +151,12 @@ def test_config_errors_name_the_key():
             QSFTConfig(**kwargs)
 
 
+def test_config_holds_only_algorithm_keys():
+    """The policy, languages and seed come from the recipe's other sections, passed to train_qsft."""
+    names = {f.name for f in dataclasses.fields(QSFTConfig)}
+    assert QSFTConfig().name == "qsft" and not names & {"policy", "src_lang", "tgt_lang", "seed"}
+
+
 def test_monte_carlo_targets_by_hand():
     rewards = torch.tensor([[0.1, -0.2, 0.5, 9.0], [0.3, 0.9, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -254,24 +261,21 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
 
     init = flat(model)
     target, behaviour = copy.deepcopy(model), copy.deepcopy(model)
-    trainer = make_trainer(model, tok, kind, feats, cfg, tmp_path, cfg.max_steps, cfg.lr,
-                           target_model=target, behaviour_model=behaviour)
     # the loss reads all three models at the rows' temperature; at the start p_θ̄ = π_β, so every ratio is 1
-    trainer.qsft_cfg = dataclasses.replace(cfg, temperature=0.5)
     with torch.no_grad():
         logits, targets, mask, rewards = token_logits(model, batch, kind)
         logits = logits / 0.5
         weights = torch.cat([(rewards[:, :-1] + mask[:, 1:]).clamp(0, 1), rewards[:, -1:].clamp(0, 1)], 1) * mask
-        assert trainer.compute_loss(model, batch).item() == pytest.approx(
-            qsft_loss(logits, targets, weights, mask).item(), rel=1e-5)
-    trainer.qsft_cfg = cfg
-    trainer.train()
-    assert trainer.state.global_step == 3
+        loss, _ = batch_loss(model, batch, kind, dataclasses.replace(cfg, temperature=0.5), target, behaviour)
+        assert loss.item() == pytest.approx(qsft_loss(logits, targets, weights, mask).item(), rel=1e-5)
+    history = fit_stage(model, feats, cfg, kind, cfg.max_steps, cfg.lr, tok.pad_token_id, target_model=target,
+                        behaviour_model=behaviour)
+    assert [h["step"] for h in history] == [1, 2, 3]  # logging_steps 1
     online, tgt = flat(model), flat(target)
     assert not torch.allclose(online, init)
     assert not torch.allclose(tgt, init) and not torch.allclose(tgt, online)  # moved part of the way
     assert torch.allclose(flat(behaviour), init)  # π_β is frozen
-    assert any("qsft_target_mean" in h for h in trainer.state.log_history)
+    assert all(0.0 <= h["qsft_target_mean"] <= 1.0 for h in history)
 
     # processor with left-padded prompts of different lengths = p_θ on each prompt alone
     sources = ["A cat.", "Two dogs play in the snow near the river."]
@@ -288,6 +292,27 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
 
+def test_train_qsft_prompts_in_the_given_languages(tiny_causal: Path, tmp_path: Path, monkeypatch):
+    """train_qsft builds its causal prompts with the src_lang/tgt_lang and policy config it is given."""
+    from mtrl.algorithms import qsft
+    from mtrl.policy import PolicyConfig
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(rows, policy, cfg):
+        seen["policy"] = policy
+        raise Stop
+
+    monkeypatch.setattr(qsft, "build_features", spy)
+    pc = PolicyConfig(model=str(tiny_causal), prompt="{src_lang} -> {tgt_lang}: {source}", chat_template="never")
+    with pytest.raises(Stop):
+        train_qsft(str(tiny_causal), [], tmp_path, QSFTConfig(), pc, "French", "Spanish", seed=3)
+    assert seen["policy"].prompt_text("Un chat.") == "French -> Spanish: Un chat."
+
+
 def test_build_features_names_a_bad_row(tiny_seq2seq: Path):
     from mtrl.policy import Policy, load_model_and_tokenizer
 
@@ -299,8 +324,7 @@ def test_build_features_names_a_bad_row(tiny_seq2seq: Path):
 
 
 def test_forced_language_token_is_not_trained(tiny_nllb: Path):
-    from mtrl.policy import Policy, load_model_and_tokenizer
-    from mtrl.recipe import PolicyConfig
+    from mtrl.policy import Policy, PolicyConfig, load_model_and_tokenizer
 
     model, tok, kind = load_model_and_tokenizer(str(tiny_nllb))
     policy = Policy(model, tok, kind, PolicyConfig(model="", src_lang_code="eng_Latn", tgt_lang_code="deu_Latn"))

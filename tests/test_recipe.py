@@ -19,7 +19,7 @@ def test_defaults_and_overrides():
 
 @pytest.mark.parametrize("data, message", [
     ({"algoritm": {}}, "unknown key 'algoritm'; did you mean 'algorithm'?"),
-    ({"algorithm": {"klcoef": 1}}, "unknown key 'algorithm.klcoef'; did you mean 'kl_coef'?"),
+    ({"algorithm": {"klcoef": 1}}, "unknown key 'algorithm.klcoef' (algorithm ppo does not use it); did you mean 'kl_coef'?"),
     ({"algorithm": {"name": "dpo"}}, "algorithm.name: 'dpo' is not allowed; allowed: 'ppo', 'reinforce', 'rloo'"),
     ({"train": {"steps": "ten"}}, "train.steps: expected int, got 'ten'"),
     ({"reward": {"mode": "tokens"}}, "reward.mode: 'tokens' is not allowed; allowed: 'token', 'sentence', 'hybrid'"),
@@ -46,18 +46,21 @@ def test_bool_is_not_a_number():
         recipe_from_dict({**BASE, "algorithm": {"lr": True}})
 
 
-def test_qsft_options_are_typed_like_every_key():
-    """offline.qsft is a mapping of QSFTConfig fields: its values are checked and converted too."""
+def test_algorithm_keys_are_typed_by_the_chosen_algorithm():
+    """The algorithm section is validated against algorithm.name's own config: types, tuples, allowed values."""
     qsft = {**BASE, "algorithm": {"name": "qsft"}}
-    r = recipe_from_dict(qsft, ["offline.qsft.lr=3e-4", "offline.qsft.return_range=[-25, 0]"])
-    assert r.offline.qsft["lr"] == 3e-4  # YAML 1.1 reads 3e-4 as a string
-    assert r.offline.qsft["return_range"] == (-25.0, 0.0)
-    for override, message in [("offline.qsft.batch_size=many", "offline.qsft.batch_size: expected int, got 'many'"),
-                              ("offline.qsft.return_range=[1]", "offline.qsft.return_range: expected a list of 2"),
-                              ("offline.qsft.reward_level=span", "offline.qsft.reward_level: 'span' is not allowed")]:
+    r = recipe_from_dict(qsft, ["algorithm.lr=3e-4", "algorithm.return_range=[-25, 0]"])
+    assert r.algorithm.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
+    assert r.algorithm.return_range == (-25.0, 0.0)
+    for override, message in [("algorithm.batch_size=many", "algorithm.batch_size: expected int, got 'many'"),
+                              ("algorithm.return_range=[1]", "algorithm.return_range: expected a list of 2"),
+                              ("algorithm.reward_level=span", "algorithm.reward_level: 'span' is not allowed"),
+                              ("algorithm.kl_coef=0.1", "unknown key 'algorithm.kl_coef' (algorithm qsft does not use it)")]:
         with pytest.raises(MtrlError) as e:
             recipe_from_dict(qsft, [override])
         assert message in str(e.value)
+    with pytest.raises(MtrlError, match="algorithm.name: 'dqn' is not allowed; allowed: 'ppo', 'reinforce'"):
+        recipe_from_dict({**BASE, "algorithm": {"name": "dqn"}})
 
 
 def test_roundtrip_through_yaml(tmp_path: Path):
@@ -91,11 +94,12 @@ def test_cli_takes_overrides_after_options(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
-def test_reward_section_carries_every_reward_config_field():
-    """train builds RewardConfig from the recipe's reward section field by field: none may be missing."""
-    from dataclasses import fields
+def test_reward_section_is_the_rewarders_config():
+    """One schema: the recipe's reward section is the RewardConfig the rewarder reads, allowed values included."""
+    from mtrl.rewards import RewardConfig, allowed
 
-    from mtrl.recipe import RewardSection
-    from mtrl.rewards import RewardConfig
-
-    assert {f.name for f in fields(RewardConfig) if f.init} <= {f.name for f in fields(RewardSection)}
+    r = recipe_from_dict(BASE, ["reward.mode=hybrid", "reward.scorer=chrf", "reward.scale=0.5"])
+    assert isinstance(r.reward, RewardConfig) and r.reward.scale == 0.5
+    with pytest.raises(MtrlError) as e:
+        recipe_from_dict(BASE, ["reward.mode=tokens"])
+    assert "reward.mode: 'tokens' is not allowed; allowed: " + ", ".join(map(repr, allowed("mode"))) in str(e.value)

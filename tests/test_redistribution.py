@@ -9,7 +9,14 @@ from sacrebleu import sentence_chrf
 from mtrl.alignment import token_offsets
 from mtrl.detectors import load_detector
 from mtrl.errors import MtrlError
-from mtrl.redistribution import Redistributor, load_scorer, prefix_boundaries, spread_words
+from mtrl.rewards.redistribution import (
+    Redistributor,
+    prefix_boundaries,
+    r3hf_rewards,
+    spread_words,
+    word_ends,
+)
+from mtrl.rewards.scorers import load_scorer
 from mtrl.score import score
 from tests.fixtures.tokenizers import get_tokenizer
 
@@ -71,22 +78,59 @@ def test_prefix_boundaries_and_spread_words():
     # words end at 2 and 5; word 2 (" cd", chars 2-5) lies in token 2 only
     assert spread_words(text, offsets, [2, 5], [1.0, 3.0]) == [0.0, 1.0, 3.0, 0.0]
     assert spread_words(text, [(0, 1), (1, 3), (3, 5)], [2, 5], [2.0, 3.0]) == [1.0, 1.0 + 1.0, 2.0]
+    assert word_ends(" ab  cd ") == [3, 7] and word_ends("") == []
+
+
+def test_r3hf_rewards_one_shot_equals_the_redistributor(wmt22):
+    tok = get_tokenizer("unigram")
+    srcs, hyps, refs = (list(x) for x in zip(*wmt22[:4]))
+    enc = [token_offsets(tok, tok(h)["input_ids"]) for h in hyps]
+    texts, offsets = [t for t, _ in enc], [o for _, o in enc]
+    got = r3hf_rewards(load_scorer("chrf"), srcs, texts, offsets, refs, level="word")
+    assert got == Redistributor(load_scorer("chrf"), "word")(srcs, texts, offsets, refs)
+    with pytest.raises(MtrlError, match="allowed: token, word"):
+        Redistributor(load_scorer("chrf"), "sentence")
 
 
 def test_score_api_r3hf_needs_a_tokenizer_and_references():
-    with pytest.raises(MtrlError, match="needs a tokenizer"):
+    with pytest.raises(MtrlError, match="give a tokenizer"):
         score(["Hallo Welt"], ["Hello world"], ["Hallo Welt"], reward={"mode": "r3hf", "scorer": "chrf"})
     with pytest.raises(MtrlError, match="needs a reference"):
         score(["Hallo"], ["Hello"], None, tokenizer=get_tokenizer("unigram"), reward={"mode": "r3hf", "scorer": "bleu"})
 
 
-def test_score_api_refuses_hybrid_rewards_it_cannot_compute():
-    """score() adds the detector's own score in hybrid mode; another scorer or an r3hf spread is refused, not ignored."""
-    for reward in ({"mode": "hybrid", "scorer": "chrf"}, {"mode": "hybrid", "hybrid_sentence": "r3hf"}):
-        with pytest.raises(MtrlError, match="training reward"):
-            score(["Hallo Welt"], ["Hello world"], ["Hallo Welt"], reward=reward)
-    plain = score(["Hallo Welt"], ["Hello world"], ["Hallo Welt"], reward={"mode": "hybrid"})
-    assert len(plain) == 1
+HYB_HYPS = ["Ein Hund schläft auf dem Sofa.", "Zwei Kinder spielen im Park."]
+HYB_SRCS = ["A cat sleeps on the green sofa.", "Two children play in the park."]
+HYB_REFS = ["Eine Katze schläft auf dem grünen Sofa.", "Zwei Kinder spielen im Park."]
+
+
+@pytest.mark.parametrize("reward", [
+    {"mode": "hybrid", "scorer": "chrf", "hybrid_weight": 2.0},
+    {"mode": "hybrid", "scorer": "chrf", "hybrid_sentence": "r3hf", "hybrid_weight": 2.0},
+    {"mode": "hybrid", "hybrid_sentence": "r3hf", "hybrid_weight": 2.0},
+    {"mode": "hybrid", "hybrid_weight": 2.0},
+])
+def test_score_api_computes_every_hybrid_training_reward(reward):
+    """score() goes through the training rewarder: another scorer, or an R3HF spread, is now computed
+    (it used to be refused). The part beyond the span penalties is hybrid_weight x the sentence score,
+    on the last token or spread so that it telescopes to S(hyp) - S("")."""
+    tok = get_tokenizer("unigram")
+    spans_only = score(HYB_HYPS, HYB_SRCS, HYB_REFS, tokenizer=tok, reward={"mode": "hybrid", "hybrid_weight": 0.0})
+    out = score(HYB_HYPS, HYB_SRCS, HYB_REFS, tokenizer=tok, reward=reward)
+    scorer = load_scorer(reward.get("scorer", "detector"), load_detector("reference"))
+    full = scorer.score(HYB_SRCS, HYB_HYPS, HYB_REFS)
+    empty = scorer.score(HYB_SRCS, ["", ""], HYB_REFS)
+    spread = reward.get("hybrid_sentence") == "r3hf"
+    for seg, base, f, e in zip(out, spans_only, full, empty):
+        assert seg.token_ids == base.token_ids == tok(text_target=seg.hypothesis)["input_ids"]
+        assert seg.score == base.score  # the row's score is the detector's in hybrid mode
+        extra = [a - b for a, b in zip(seg.token_rewards, base.token_rewards)]
+        assert sum(extra) == pytest.approx(2.0 * ((f - e) if spread else f), abs=1e-3)
+        if spread:
+            assert sum(abs(x) > 1e-6 for x in extra) > 1
+        else:
+            assert all(x == 0.0 for x in extra[:-1])
+    assert any(seg.spans for seg in out) and out[0].token_rewards != out[1].token_rewards
 
 
 def test_comet_scorer_on_the_tiny_xcomet_checkpoint(tiny_xcomet_ckpt):

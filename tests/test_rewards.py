@@ -16,13 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from mtrl.alignment import token_offsets
 from mtrl.detectors.base import Detection
 from mtrl.errors import MtrlError
-from mtrl.rewards import (
-    REWARD_MODES,
-    RewardConfig,
-    batch_token_rewards,
-    spans_to_token_rewards,
-    token_rewards,
-)
+from mtrl.rewards import RewardConfig, Rewarder, allowed, spans_to_token_rewards, token_rewards
 from mtrl.spans import SEVERITIES, ErrorSpan, get_severity_map, sanitize_spans
 from tests.fixtures.tokenizers import FAMILIES, get_tokenizer, unicode_texts
 
@@ -87,8 +81,8 @@ def test_max_gives_map_values_and_the_most_severe(tok, data) -> None:
     spans = data.draw(_spans(len(text)))
     smap = get_severity_map("wmt-mqm", no_error=0.25)
     r = spans_to_token_rewards(text, off, spans, smap, "max")
-    allowed = {smap.no_error, *smap.values.values(), *smap.category_values.values()}
-    assert len(r) == len(off) and set(r) <= allowed
+    map_values = {smap.no_error, *smap.values.values(), *smap.category_values.values()}
+    assert len(r) == len(off) and set(r) <= map_values
     special = set(tok.all_special_ids)
     clean = sanitize_spans(text, spans)
     n = len(text)
@@ -199,8 +193,9 @@ def test_config_validation_names_the_key(kwargs, key) -> None:
 
 def test_config_resolves_the_map_and_no_error() -> None:
     cfg = RewardConfig.from_dict({"severity_map": {"minor": -2, "major": -4, "critical": -8}, "no_error": 0.1})
-    assert cfg.smap.values["major"] == -4 and cfg.smap.no_error == 0.1
-    assert RewardConfig().smap == XCOMET and REWARD_MODES == ("token", "sentence", "hybrid", "r3hf")
+    assert cfg.severity().values["major"] == -4 and cfg.severity().no_error == 0.1
+    assert RewardConfig().severity() == XCOMET and allowed("mode") == ("token", "sentence", "hybrid", "r3hf")
+    assert allowed("token_rewards") == ("max", "spread") and allowed("severity_map") == ()
 
 
 def test_reward_modes() -> None:
@@ -212,8 +207,10 @@ def test_reward_modes() -> None:
     assert hyb == [0.5, -5.0, 0.5, 0.5, 0.5, 0.5 + 1.6]
     assert token_rewards(det, TEXT, OFF, RewardConfig(mode="sentence"), last_index=4)[4] == 0.8
     assert token_rewards(det, "", [], tok) == []
-    got = batch_token_rewards([det, det], [TEXT, TEXT], [OFF, OFF], RewardConfig(mode="sentence"), [None, 2])
-    assert got[0][-1] == 0.8 and got[1][2] == 0.8
+    got = [token_rewards(det, TEXT, OFF, RewardConfig(mode="sentence"), last_index=i) for i in (None, 2)]
+    assert got[0][-1] == 0.8 and got[1][2] == 0.8 and got[1][-1] == 0.0
+    with pytest.raises(IndexError):
+        token_rewards(det, TEXT, OFF, RewardConfig(mode="sentence"), last_index=6)
 
 
 # --- real MQM spans -----------------------------------------------------------
@@ -285,38 +282,58 @@ def test_rewarder_hybrid_with_chrf(where):
     from sacrebleu import sentence_chrf
 
     from mtrl.detectors import load_detector
-    from mtrl.rewards import RewardConfig, spans_to_token_rewards
-    from mtrl.rollout import CachedRewarder, decode_responses
-    from tests.fixtures.tokenizers import get_tokenizer
+    from mtrl.rewards import Rewarder, hypothesis_intervals
+    from mtrl.rollout import response_ids, reward_tensor
 
     tok = get_tokenizer("unigram")
     hyps = ["Ein Mann schläft auf einem grünen Sofa.", "Zwei Hunde spielen im Schnee."]
     refs = ["Ein Mann schläft in einem grünen Raum auf einem Sofa.", "Zwei Hunde laufen durch den Schnee."]
     ids = [tok(h)["input_ids"] for h in hyps]
-    width = max(map(len, ids))
+    width = max(map(len, ids)) + 2  # padding after every row
     responses = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
     cfg = RewardConfig(mode="hybrid", scorer="chrf", hybrid_sentence=where, hybrid_weight=2.0)
-    rewarder = CachedRewarder(load_detector("reference"), cfg)
-    rewards, texts, detections = rewarder(tok, ["", ""], refs, responses, mask)
-    _, offsets, lengths = decode_responses(tok, responses, mask)
-    for i, (text, det) in enumerate(zip(texts, detections)):
-        spans = spans_to_token_rewards(text, offsets[i], det.spans, cfg.smap, "max")
-        extra = rewards[i, : lengths[i]] - torch.tensor(spans)
+    rewarder = Rewarder(cfg, load_detector("reference"), tok)
+    out = rewarder(["", ""], None, refs, response_ids(responses, mask))
+    assert out.token_ids == ids
+    rewards = reward_tensor(out.token_rewards, responses.shape, mask)
+    assert float(rewards[mask == 0].abs().sum()) == 0.0
+    texts, offsets = hypothesis_intervals(tok, ids)
+    assert out.hypotheses == texts
+    for i, (text, det) in enumerate(zip(texts, out.detections)):
+        n = len(ids[i])
+        spans = spans_to_token_rewards(text, offsets[i], det.spans, cfg.severity(), "max")
+        extra = rewards[i, :n] - torch.tensor(spans)
         chrf = sentence_chrf(text, [refs[i]]).score
         assert float(extra.sum()) == pytest.approx(2.0 * (chrf - sentence_chrf("", [refs[i]]).score), abs=1e-3)
         if where == "last":  # all of it on the final token
             assert float(extra[:-1].abs().sum()) == 0.0
         else:  # spread: more than one token carries part of it
             assert int((extra.abs() > 1e-6).sum()) > 1
-    assert any(d.spans for d in detections)  # the detector's spans are really in there
+    assert any(d.spans for d in out.detections)  # the detector's spans are really in there
+
+
+def test_rewarder_scale_float32_and_given_hypotheses():
+    """``scale`` multiplies every reward (float32, as trained); given hypotheses are encoded once."""
+    import numpy as np
+
+    from mtrl.detectors import load_detector
+
+    tok = get_tokenizer("unigram")
+    hyps, refs = ["Ein Hund schläft.", "Zwei Katzen."], ["Eine Katze schläft.", "Zwei Katzen."]
+    plain = Rewarder(RewardConfig(mode="hybrid"), load_detector("reference"), tok)(["", ""], hyps, refs)
+    scaled = Rewarder(RewardConfig(mode="hybrid", scale=0.05), load_detector("reference"), tok)(["", ""], hyps, refs)
+    assert plain.token_ids == scaled.token_ids == [tok(text_target=h)["input_ids"] for h in hyps]
+    assert plain.hypotheses == hyps and plain.scores == scaled.scores
+    for a, b in zip(plain.token_rewards, scaled.token_rewards):
+        assert b == (np.asarray(a, dtype=np.float32) * np.float32(0.05)).tolist()
+    assert min(plain.token_rewards[0]) < 0 and plain.token_rewards[0] != plain.token_rewards[1]
 
 
 def test_rewarder_cache_counts_a_repeat_within_a_batch_as_a_hit():
     from mtrl.detectors import load_detector
-    from mtrl.rollout import CachedRewarder
 
-    rewarder = CachedRewarder(load_detector("reference"), RewardConfig())
+    rewarder = Rewarder(RewardConfig(), load_detector("reference"))
     calls = []
     detect = rewarder.detector.detect
     rewarder.detector.detect = lambda s, h, r: calls.append(len(h)) or detect(s, h, r)
@@ -325,3 +342,6 @@ def test_rewarder_cache_counts_a_repeat_within_a_batch_as_a_hit():
     assert calls == [2] and (rewarder.hits, rewarder.misses) == (1, 2)  # the repeat is detected once
     rewarder.detect(src[:1], hyp[:1], ref[:1])
     assert calls == [2] and (rewarder.hits, rewarder.misses) == (2, 2)
+    out = rewarder(src, hyp, ref)  # the call goes through the same cache; no tokenizer: no token rewards
+    assert calls == [2] and out.token_ids is None and out.token_rewards is None
+    assert out.scores[0] == out.scores[1] > out.scores[2]

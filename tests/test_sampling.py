@@ -7,10 +7,9 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from mtrl.detectors import load_detector
-from mtrl.policy import ReferencePolicy, build_policy
-from mtrl.recipe import GenerationConfig, PolicyConfig
-from mtrl.rewards import RewardConfig
-from mtrl.rollout import CachedRewarder, collect_rollout
+from mtrl.policy import GenerationConfig, PolicyConfig, ReferencePolicy, build_policy
+from mtrl.rewards import RewardConfig, Rewarder, hypothesis_intervals, spans_to_token_rewards
+from mtrl.rollout import collect_rollout, response_ids
 from mtrl.sampling import InverseCDFSampler
 
 SOURCES = ["A man rides a bike.", "Two dogs run in the long green grass of the park today."]
@@ -47,11 +46,13 @@ def test_sampling_pass_logprobs_and_values_equal_a_forward_pass(fixture, request
     model_dir = request.getfixturevalue(fixture)
     cfg = PolicyConfig(model=str(model_dir), tgt_lang_code="deu_Latn" if fixture == "tiny_nllb" else None)
     policy = build_policy(cfg, str(model_dir), "English", "German")
+    assert policy.value_head is None  # only PPO adds one
+    policy.add_value_head()
     queries, qmask = policy.encode_sources(SOURCES)
     gen = GenerationConfig(max_new_tokens=10, temperature=0.7, top_p=0.9)
     torch.manual_seed(0)
-    responses, mask, out = policy.sample(queries, qmask, gen)
-    full = policy.forward(queries, qmask, responses, mask, gen.temperature)
+    responses, mask, out = policy.sample(queries, qmask, gen, with_values=True)
+    full = policy.forward(queries, qmask, responses, mask, gen.temperature)  # values: the head exists
     m = mask.bool()
     assert m.any()
     torch.testing.assert_close(out.logprobs[m], full.logprobs[m], atol=1e-5, rtol=0)
@@ -61,18 +62,39 @@ def test_sampling_pass_logprobs_and_values_equal_a_forward_pass(fixture, request
 
 def test_rollout_logprobs_from_generate_equal_those_from_forward(tiny_causal):
     policy = build_policy(PolicyConfig(model=str(tiny_causal)), str(tiny_causal), "English", "German")
+    policy.add_value_head()
     reference = ReferencePolicy(policy)
-    rewarder = CachedRewarder(load_detector("reference"), RewardConfig())
+    rewarder = Rewarder(RewardConfig(mode="hybrid"), load_detector("reference"), policy.tokenizer)
     rollouts = {}
     for how in ("generate", "forward"):
         torch.manual_seed(1)
         rollouts[how] = collect_rollout(policy, reference, rewarder, SOURCES, REFERENCES,
-                                        GenerationConfig(max_new_tokens=8, rollout_logprobs=how))
+                                        GenerationConfig(max_new_tokens=8, rollout_logprobs=how), with_values=True)
     a, b = rollouts["generate"], rollouts["forward"]
     assert torch.equal(a.responses, b.responses)  # same sampler, same seed
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.ref_logprobs, b.ref_logprobs)
+    torch.testing.assert_close(a.rewards, b.rewards)
+    assert a.scores == b.scores and a.texts == b.texts
+    # the rewards sit on the sampled tokens: zero on padding; spans + the detector's score on the last token
+    m = a.response_mask.bool()
+    assert float(a.rewards[~m].abs().sum()) == 0.0
+    ids = response_ids(a.responses, a.response_mask)
+    texts, offsets = hypothesis_intervals(policy.tokenizer, ids)
+    assert texts == a.texts
+    for i, (row, text, offs, det) in enumerate(zip(ids, texts, offsets, a.detections)):
+        assert len(row) == int(m[i].sum())
+        expected = spans_to_token_rewards(text, offs, det.spans, rewarder.config.severity())
+        expected[-1] += a.scores[i]
+        torch.testing.assert_close(a.rewards[i, :len(row)], torch.tensor(expected), atol=1e-5, rtol=0)
+    # a policy without a value head gives rollouts without values
+    fresh = build_policy(PolicyConfig(model=str(tiny_causal)), str(tiny_causal), "English", "German")
+    torch.manual_seed(1)
+    plain = collect_rollout(fresh, ReferencePolicy(fresh), rewarder, SOURCES, REFERENCES,
+                            GenerationConfig(max_new_tokens=8))
+    assert plain.values is None and torch.equal(plain.responses, a.responses)
+    torch.testing.assert_close(plain.logprobs, a.logprobs, atol=1e-5, rtol=0)
 
 
 def test_causal_forward_keeps_only_the_completion_logits(tiny_causal):

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from mtrl.recipe import load_recipe, recipe_from_dict
-from mtrl.train import train
+from mtrl.runner import run as train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REQUIRED = {"step", "reward_mean", "reward_std", "sentence_score_mean", "spans_minor", "spans_major",
@@ -29,7 +29,12 @@ def tiny_recipe(model: Path, data: tuple[Path, Path], run_dir: Path, **sections)
         "train": {"steps": 2, "save_every": 1, "report_to": []},
     }
     for k, v in sections.items():
-        recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+        if k == "algorithm" and v.get("name", "ppo") not in ("ppo", "reinforce", "rloo"):
+            recipe[k] = v  # another algorithm's keys: a section of its own
+        else:
+            recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+        if k == "algorithm" and v.get("name") in ("reinforce", "rloo"):
+            recipe[k].pop("epochs", None)  # a PPO key
     return recipe
 
 
@@ -79,7 +84,7 @@ def test_value_head_has_its_own_learning_rate(tiny_seq2seq, small_data, tmp_path
                          train={"steps": 1, "report_to": []})
     train(recipe_from_dict(recipe), quiet=True)
     state = torch.load(run / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
-    groups = state["optimizer"]["param_groups"]
+    groups = state["algorithm"]["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == [1e-4, 3e-3]
     assert len(groups[1]["params"]) == 2  # the value head's weight and bias, nothing else
 
@@ -125,11 +130,18 @@ def recipe_files() -> list[Path]:
 
 
 @pytest.mark.parametrize("path", recipe_files(), ids=lambda p: p.name)
-def test_shipped_recipe_validates(path):
+def test_shipped_recipe_validates(path, tmp_path):
+    from mtrl.algorithms import ALGORITHMS
+    from mtrl.recipe import dump_recipe
+
     recipe = load_recipe(path)
-    assert recipe.train.steps >= 1
+    assert type(recipe.algorithm) is ALGORITHMS[recipe.algorithm.name][0]  # the algorithm's own config class
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(recipe))
+    assert load_recipe(again) == recipe  # what a run directory saves loads back to the same recipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in recipe_files() if not p.name.startswith("quickstart")],
                          ids=lambda p: p.name)
 def test_shipped_recipe_runs_one_step_on_stand_ins(path, tiny_seq2seq, tiny_nllb, tiny_causal, tiny_xcomet_ckpt,
@@ -163,14 +175,14 @@ def test_ppo_with_r3hf_rewards(scorer, tiny_seq2seq, small_data, tmp_path):
         assert rows[0]["reward_mean"] == pytest.approx(rows[0]["sentence_score_mean"], abs=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["seq2seq", "causal"])
 def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tiny_causal, small_data, tmp_path,
                                                           capsys):
     run = tmp_path / "run"
     model = tiny_seq2seq if kind == "seq2seq" else tiny_causal
-    recipe = tiny_recipe(model, small_data, run, algorithm={"name": "qsft"},
-                         offline={"num_sources": 4, "samples_per_source": 2,
-                                  "qsft": {"max_steps": 2, "batch_size": 4, "sft_steps": 1, "logging_steps": 1}})
+    recipe = tiny_recipe(model, small_data, run, offline={"num_sources": 4, "samples_per_source": 2},
+                         algorithm={"name": "qsft", "max_steps": 2, "batch_size": 4, "sft_steps": 1, "logging_steps": 1})
     results = train(recipe_from_dict(recipe), quiet=True)
     assert {"before", "after"} <= set(results) and "chrf" in results["after"]
     assert "sample" not in capsys.readouterr().err  # quiet: no progress bars from sampling or labelling either
@@ -183,11 +195,12 @@ def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tin
 def test_qsft_recipe_rejects_unknown_options(tiny_seq2seq, small_data, tmp_path):
     from mtrl.errors import MtrlError
 
-    recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path, algorithm={"name": "qsft"}, offline={"qsft": {"tua": 1}})
-    with pytest.raises(MtrlError, match="unknown key 'offline.qsft.tua'; did you mean 'tau'"):
+    recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path, algorithm={"name": "qsft", "tua": 1})
+    with pytest.raises(MtrlError, match=r"unknown key 'algorithm.tua' \(algorithm qsft does not use it\); did you mean 'tau'"):
         recipe_from_dict(recipe)
 
 
+@pytest.mark.slow
 def test_grpo_baseline_on_a_causal_policy(tiny_causal, small_data, tmp_path):
     run = tmp_path / "run"
     recipe = tiny_recipe(tiny_causal, small_data, run, algorithm={"name": "grpo", "samples_per_prompt": 2,
@@ -196,6 +209,35 @@ def test_grpo_baseline_on_a_causal_policy(tiny_causal, small_data, tmp_path):
     assert {"before", "after"} <= set(results)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2] and all("reward_mean" in r for r in rows)
+    assert (run / "final" / "config.json").exists()
+
+
+def test_grpo_reward_follows_reward_mode(tiny_causal, small_data, tmp_path, monkeypatch):
+    """GRPO's sequence reward is the sum of the rewarder's token rewards, so reward.mode counts."""
+    from mtrl.algorithms import grpo
+
+    seen = {}
+
+    class FakeTrainer:  # stands in for TRL: calls the reward function once, as GRPOTrainer does
+        def __init__(self, model, reward_funcs, args, train_dataset, processing_class, callbacks):
+            self.reward, self.ds, self.tok = reward_funcs, train_dataset, processing_class
+
+        def train(self):
+            ids = [self.tok(text_target="Ein Mann fährt Fahrrad.")["input_ids"]] * 2
+            seen["rewards"] = self.reward(prompts=None, completions=None, completion_ids=ids,
+                                          source=["A man rides a bike."] * 2,
+                                          reference=["Ein Mann fährt Fahrrad.", "Zwei Hunde."])
+
+    monkeypatch.setattr("trl.GRPOTrainer", FakeTrainer)
+    for mode, scale in (("sentence", 1.0), ("sentence", 2.0)):
+        recipe = tiny_recipe(tiny_causal, small_data, tmp_path / f"{mode}{scale}", reward={"mode": mode, "scale": scale},
+                             algorithm={"name": "grpo", "samples_per_prompt": 2, "batch_size": 2})
+        recipe["data"]["eval"] = None
+        train(recipe_from_dict(recipe), quiet=True)
+        seen[scale] = seen.pop("rewards")
+    assert seen[1.0][0] > seen[1.0][1]  # the exact translation beats the wrong one
+    assert seen[2.0] == pytest.approx([2 * r for r in seen[1.0]])  # reward.scale reaches GRPO
+    assert grpo.GRPOConfig().name == "grpo"
 
 
 def test_grpo_refuses_seq2seq(tiny_seq2seq, small_data, tmp_path):
@@ -207,9 +249,23 @@ def test_grpo_refuses_seq2seq(tiny_seq2seq, small_data, tmp_path):
 
 
 def test_summary_names_only_what_the_run_directory_holds(tmp_path, capsys):
-    from mtrl.train import print_summary
+    from mtrl.runner import print_summary
 
     (tmp_path / "eval.json").write_text("{}")
     (tmp_path / "offline").mkdir()
     print_summary({}, str(tmp_path))
     assert capsys.readouterr().out.strip() == f"run directory: {tmp_path} (eval.json, offline/)"
+
+
+def test_reinforce_builds_no_value_head_and_refuses_ppo_keys(tiny_seq2seq, small_data, tmp_path):
+    from mtrl.errors import MtrlError
+
+    run = tmp_path / "run"
+    train(recipe_from_dict(tiny_recipe(tiny_seq2seq, small_data, run, algorithm={"name": "reinforce"})), quiet=True)
+    rows = read_metrics(run)
+    assert "value_loss" not in rows[0] and "policy_loss" in rows[0]
+    assert not (run / "final" / "value_head.pt").exists()
+    assert not any(k.startswith("value_head.") for k in torch.load(run / "checkpoints" / "step-000002" / "policy.pt"))
+    bad = tiny_recipe(tiny_seq2seq, small_data, run, algorithm={"name": "reinforce", "value_lr": 1e-3})
+    with pytest.raises(MtrlError, match=r"unknown key 'algorithm.value_lr' \(algorithm reinforce does not use it\)"):
+        recipe_from_dict(bad)

@@ -1,57 +1,77 @@
-"""Sequence-level baseline for causal policies: TRL's ``GRPOTrainer`` with the detector's sentence score.
+"""Sequence-level baseline for causal policies: TRL's ``GRPOTrainer`` with mtrl's rewarder.
 
-GRPO (Shao et al. 2024) samples ``samples_per_prompt`` completions per prompt and uses the group-normalised
-sentence reward as every token's advantage; no value head, no token-level credit. It is here as the
-baseline the token-level schemes are compared with, through TRL's own implementation (decoder-only, as
-GRPO is in TRL). The recipe maps onto ``GRPOConfig``: batch_size prompts x samples_per_prompt completions
-per step, lr, kl_coef -> beta, generation temperature/top_p/max_new_tokens, train.steps -> max_steps.
-``metrics.jsonl`` gets TRL's per-step logs with ``reward`` renamed ``reward_mean`` (and ``reward_std``).
+GRPO (Shao et al. 2024) samples ``samples_per_prompt`` completions per prompt and uses the
+group-normalised sequence reward as every token's advantage: no value head, no token-level credit.
+It is the baseline the token-level schemes are compared with, through TRL's own implementation
+(decoder-only, as GRPO is in TRL). The sequence reward is the sum of the rewarder's token rewards
+for the completion's own token ids, so ``reward.mode`` means what it means for PPO (``sentence``:
+the detector's score; ``token``: the span penalties; ``hybrid``/``r3hf``: their sums).
+TRL's per-step logs are appended to the run's ``metrics.jsonl`` (``reward`` -> ``reward_mean``).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
+from mtrl.algorithms.common import RunContext
 from mtrl.errors import MtrlError
+from mtrl.policy import GenerationConfig, Policy
+from mtrl.rewards import Rewarder
 
 
-def train_grpo(recipe: Any, policy: Any, train_pairs: Sequence[tuple[str, str]], rewarder: Any, run_dir: Path) -> None:
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+@dataclass
+class GRPOConfig:
+    name: Literal["grpo"] = "grpo"
+    lr: float = 1e-5
+    batch_size: int = 8  # prompts per step (each with samples_per_prompt completions)
+    samples_per_prompt: int = 4
+    kl_coef: float = 0.05  # TRL's beta
+    max_grad_norm: float = 1.0
 
-    if policy.kind != "causal":
-        raise MtrlError("algorithm.name grpo needs a causal (decoder-only) policy: TRL's GRPOTrainer has no "
-                        "encoder-decoder support; use ppo/reinforce/rloo for seq2seq models")
-    a, gen = recipe.algorithm, recipe.generation
-    if a.samples_per_prompt < 2:
-        raise MtrlError("algorithm.samples_per_prompt must be >= 2 for grpo (rewards are normalised per group)")
-    n = recipe.train.steps * a.batch_size
-    pairs = [train_pairs[i % len(train_pairs)] for i in range(n)]
-    ds = Dataset.from_dict({"prompt": [policy.prompt_text(s) for s, _ in pairs],
-                            "source": [s for s, _ in pairs], "reference": [r for _, r in pairs]})
 
-    def reward(prompts, completions, source, reference, **kwargs) -> list[float]:
-        dets = rewarder.detect(list(source), [c.strip() for c in completions], list(reference))
-        return [d.score * rewarder.scale for d in dets]
+class GRPO:
+    """Runs TRL's GRPOTrainer on the recipe's data for ``steps`` steps (a whole-run algorithm)."""
 
-    args = GRPOConfig(output_dir=str(run_dir / "grpo"), per_device_train_batch_size=a.batch_size * a.samples_per_prompt,
-                      num_generations=a.samples_per_prompt, max_completion_length=gen.max_new_tokens,
-                      learning_rate=a.lr, beta=a.kl_coef, temperature=gen.temperature, top_p=gen.top_p,
-                      top_k=gen.top_k or None, max_steps=recipe.train.steps, logging_steps=1, save_strategy="no",
-                      report_to="none", bf16=False, use_cpu=recipe.train.cpu or not torch.cuda.is_available(),
-                      gradient_checkpointing=False, seed=recipe.seed, max_grad_norm=a.max_grad_norm,
-                      disable_tqdm=False)
-    trainer = GRPOTrainer(model=policy.model, reward_funcs=reward, args=args, train_dataset=ds,
-                          processing_class=policy.tokenizer)
-    trainer.train()
-    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
-        for h in trainer.state.log_history:
-            if "reward" in h:
-                h = {**h, "reward_mean": h["reward"], "reward_std": h.get("reward_std", 0.0),
-                     "sentence_score_mean": h["reward"] / (rewarder.scale or 1.0)}
-                f.write(json.dumps(h) + "\n")
+    def __init__(self, cfg: GRPOConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig,
+                 accelerator: Any, total_steps: int):
+        if policy.kind != "causal":
+            raise MtrlError("algorithm.name grpo needs a causal (decoder-only) policy: TRL's GRPOTrainer has no "
+                            "encoder-decoder support; use ppo, reinforce or rloo for seq2seq models")
+        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+        self.total_steps, self.cpu = total_steps, accelerator.device.type == "cpu"
+
+    def fit(self, ctx: RunContext) -> None:
+        """``ctx``: the runner's train pairs, run directory, seed and metrics logger."""
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer
+
+        cfg, gen, policy, train_pairs, log = self.cfg, self.gen, self.policy, ctx.train_pairs, ctx.log_metrics
+        n = self.total_steps * cfg.batch_size
+        pairs = [train_pairs[i % len(train_pairs)] for i in range(n)]
+        ds = Dataset.from_dict({"prompt": [policy.prompt_text(s) for s, _ in pairs],
+                                "source": [s for s, _ in pairs], "reference": [r for _, r in pairs]})
+
+        def reward(prompts, completions, completion_ids, source, reference, **kwargs) -> list[float]:
+            out = self.rewarder(list(source), None, list(reference), completion_ids)
+            return [float(sum(r)) for r in out.token_rewards]
+
+        class AppendMetrics(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "reward" in logs:
+                    log({"step": state.global_step, **logs, "reward_mean": logs["reward"],
+                         "reward_std": logs.get("reward_std", 0.0)})
+
+        args = TRLConfig(output_dir=str(ctx.run_dir / "grpo"), per_device_train_batch_size=cfg.batch_size * cfg.samples_per_prompt,
+                         num_generations=cfg.samples_per_prompt, max_completion_length=gen.max_new_tokens,
+                         learning_rate=cfg.lr, beta=cfg.kl_coef, temperature=gen.temperature, top_p=gen.top_p,
+                         top_k=gen.top_k or None, max_steps=self.total_steps, logging_steps=1, save_strategy="no",
+                         report_to="none", bf16=False, use_cpu=self.cpu or not torch.cuda.is_available(),
+                         gradient_checkpointing=False, seed=ctx.seed, max_grad_norm=cfg.max_grad_norm, disable_tqdm=False)
+        trainer = GRPOTrainer(model=policy.model, reward_funcs=reward, args=args, train_dataset=ds,
+                              processing_class=policy.tokenizer, callbacks=[AppendMetrics()])
+        trainer.train()

@@ -1,63 +1,59 @@
 """Token-level PPO for translation models (Schulman et al. 2017; RLHF form of Ziegler et al. 2019).
 
-Per token t of a sampled translation:
+One step, top to bottom in :meth:`PPO.step`: sample a batch of translations and reward every
+token (rollout) -> subtract the KL penalty to the frozen reference (shaping) -> GAE advantages
+and value targets -> ``epochs`` passes of clipped-surrogate updates over shuffled minibatches.
+Per token t of a sampled translation::
 
-    r_t = task_reward_t - kl_coef * KL_t          (task reward from the severity map, etc.)
+    r_t = reward_t - kl_coef * KL_t                 (reward_t from the rewarder: spans, chrF, ...)
     KL_t = log pi(y_t) - log pi_ref(y_t)            ("k1", unbiased, can be negative)
         or (ratio - 1) - log ratio, ratio = pi_ref/pi   ("k3", Schulman's low-variance estimator, >= 0)
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),    V = 0 after the last token
     A_t = sum_k (gamma * lam)^k delta_{t+k}         (GAE; gamma = 1 by default, as in Ramos et al.)
     R_t = A_t + V(s_t)                              (value targets)
 
-The update runs ``epochs`` passes over shuffled minibatches with the clipped
-surrogate, a clipped value loss and an entropy bonus; advantages are whitened
-over the valid tokens of the batch. Padding is masked everywhere: a mask is 1
-for response tokens up to and including EOS (seq2seq decoder targets, or the
-completion of a causal LM; prompts never enter these tensors).
+Advantages are whitened over the valid tokens of the batch. Padding is masked everywhere: a mask
+is 1 for response tokens up to and including EOS (seq2seq decoder targets, or the completion of a
+causal LM; prompts never enter these tensors). The critic is a linear value head on the final
+hidden state, with its own learning rate (``value_lr``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from mtrl.recipe import AlgorithmConfig
+from mtrl.algorithms.common import (
+    AdaptiveKLController,
+    OnPolicyConfig,
+    OptimizerState,
+    kl_penalty,
+    make_optimizer,
+    masked_mean,
+    masked_whiten,
+    rollout_metrics,
+)
+from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
+from mtrl.rewards import Rewarder
+from mtrl.rollout import Rollout, collect_rollout
+
+__all__ = ["PPO", "PPOConfig", "AdaptiveKLController", "gae", "kl_penalty", "masked_whiten", "policy_loss",
+           "value_loss"]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the valid entries; padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi."""
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; allowed: k1, k3")
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    name: Literal["ppo"] = "ppo"
+    value_lr: float | None = 1e-3  # the value head's own learning rate (a fresh linear head); null: same as lr
+    epochs: int = 2  # passes over each batch of rollouts
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.5
+    lam: float = 0.95
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -96,50 +92,65 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-class AdaptiveKLController:
-    """Ziegler et al. (2019): move kl_coef so that the observed KL tracks ``target``."""
+class PPO(OptimizerState):
+    """The policy, its value head, the frozen reference, the optimiser and the KL controller."""
 
-    def __init__(self, init: float, target: float | None, horizon: int):
-        self.value, self.target, self.horizon = init, target, horizon
+    def __init__(self, cfg: PPOConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig,
+                 accelerator: Any, total_steps: int):
+        self.cfg, self.policy, self.rewarder, self.gen, self.accelerator = cfg, policy, rewarder, gen, accelerator
+        head = policy.add_value_head()
+        self.reference = ReferencePolicy(policy)
+        body = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head.")]
+        self.optimizer, self.scheduler = make_optimizer(
+            [{"params": body}, {"params": list(head.parameters()), "lr": cfg.value_lr or cfg.lr}], cfg, total_steps)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, self.optimizer, self.scheduler)
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
-    def update(self, kl: float, n_samples: int) -> None:
-        if self.target is None:
-            return
-        error = max(-0.2, min(0.2, kl / self.target - 1))
-        self.value *= 1 + error * n_samples / self.horizon
+    def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
+        """One PPO step on a batch of sources; returns the step's metrics."""
+        t0 = time.perf_counter()
+        # 1. rollout: sample, reward every token, old log-probs and values, reference log-probs
+        ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
+                             self.cfg.samples_per_prompt, with_values=True)
+        # 2. KL shaping: what PPO optimises is the reward minus the KL penalty to the reference
+        mask = ro.response_mask.float()
+        kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
+        rewards = ro.rewards - self.kl_ctl.value * kl
+        # 3. + 4. advantages and the update epochs
+        stats = self.update(ro, rewards)
+        self.scheduler.step()
+        self.kl_ctl.update(float(kl.sum(1).mean()), len(sources))
+        return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0), **stats,
+                "lr": self.scheduler.get_last_lr()[0]}
 
-
-def update(policy: Any, optimizer: Any, accelerator: Any, rollout: Any, rewards: torch.Tensor,
-           cfg: AlgorithmConfig, temperature: float) -> dict[str, float]:
-    """One PPO update on a batch of rollouts (``rewards`` already include the KL penalty)."""
-    mask = rollout.response_mask.float()
-    advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [],
-                                     "approx_kl": [], "grad_norm": []}
-    n = mask.shape[0]
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(n).split(cfg.minibatch_size):
-            m = mask[idx]
-            out = policy(rollout.queries[idx], rollout.query_mask[idx], rollout.responses[idx],
-                         rollout.response_mask[idx], temperature)
-            pg_loss, clipfrac = policy_loss(out.logprobs, rollout.logprobs[idx], advantages[idx], m,
-                                            cfg.clip_range)
-            vf_loss = value_loss(out.values, rollout.values[idx], returns[idx], m, cfg.value_clip_range)
-            entropy = masked_mean(out.entropy, m)
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            with torch.no_grad():
-                approx_kl = masked_mean(0.5 * (out.logprobs - rollout.logprobs[idx]) ** 2, m)
-            for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
-                         ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
-                stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
-    out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out_stats["advantage_mean"] = float(masked_mean(advantages, mask))
-    out_stats["value_mean"] = float(masked_mean(rollout.values, mask))
-    out_stats["return_mean"] = float(masked_mean(returns, mask))
-    return out_stats
+    def update(self, ro: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        """GAE on the shaped rewards, then ``epochs`` passes of minibatch updates."""
+        cfg, mask = self.cfg, ro.response_mask.float()
+        advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [],
+                                         "approx_kl": [], "grad_norm": []}
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(mask.shape[0]).split(cfg.minibatch_size):
+                m = mask[idx]
+                out = self.model(ro.queries[idx], ro.query_mask[idx], ro.responses[idx], ro.response_mask[idx],
+                                 self.gen.temperature)
+                pg_loss, clipfrac = policy_loss(out.logprobs, ro.logprobs[idx], advantages[idx], m, cfg.clip_range)
+                vf_loss = value_loss(out.values, ro.values[idx], returns[idx], m, cfg.value_clip_range)
+                entropy = masked_mean(out.entropy, m)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    approx_kl = masked_mean(0.5 * (out.logprobs - ro.logprobs[idx]) ** 2, m)
+                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
+                             ("clipfrac", clipfrac), ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
+                    stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out_stats["advantage_mean"] = float(masked_mean(advantages, mask))
+        out_stats["value_mean"] = float(masked_mean(ro.values, mask))
+        out_stats["return_mean"] = float(masked_mean(returns, mask))
+        return out_stats

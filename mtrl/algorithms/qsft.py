@@ -52,7 +52,9 @@ abstract, a third-party review and a third-party blog derivation were):
   pass per step). Not in the paper; a baseline that isolates the bootstrap;
 * the loss is averaged over valid target tokens of the batch (padding and
   prompt tokens never count; a forced target-language token of NLLB-type models
-  is not a choice and is not trained either); ``num_items_in_batch`` is ignored;
+  is not a choice and is not trained either);
+* training is an explicit loop (:func:`fit_stage`): AdamW at a constant rate,
+  gradient norm clipped to 1, a Polyak update after every optimizer step;
 * the extraction is a ``LogitsProcessor`` on ``π_β.generate`` that re-runs p_θ on
   the whole prefix each step (no KV cache for p_θ: simple, works with beams, costs
   O(T²) for p_θ).
@@ -61,24 +63,26 @@ abstract, a third-party review and a third-party blog derivation were):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutput
 
 from mtrl.errors import MtrlError
-from mtrl.recipe import PolicyConfig
+from mtrl.policy import GenerationConfig, PolicyConfig
 
 
 @dataclass
 class QSFTConfig:
+    name: Literal["qsft"] = "qsft"
     gamma: float = 1.0  # discount across tokens
     tau: float = 0.05  # Polyak rate of the target copy (0.005 in the reimplementation; larger for short runs)
     beta: float = 1.0  # extraction: log π_β + β log p_θ
@@ -96,11 +100,7 @@ class QSFTConfig:
     return_range: tuple[float, float] | None = None
     temperature: float = 1.0  # the rows' sampling temperature: every model is read as softmax(logits / T)
     target: Literal["bellman", "monte_carlo"] = "bellman"
-    seed: int = 0
     logging_steps: int = 10
-    policy: PolicyConfig = field(default_factory=PolicyConfig)  # prompt / language codes (model is ignored)
-    src_lang: str = "English"
-    tgt_lang: str = "German"
 
     def __post_init__(self) -> None:
         if self.reward_level not in ("token", "sentence"):
@@ -282,131 +282,108 @@ def token_logits(model: Any, batch: dict[str, torch.Tensor], kind: str
     return logits, labels.clamp(min=0), mask, rewards
 
 
-# ---------------------------------------------------------------------------- trainers
-class _QSFTLoss:
-    """compute_loss shared by the causal (SFTTrainer) and seq2seq (Seq2SeqTrainer) trainers.
+# ---------------------------------------------------------------------------- training
+def batch_loss(model: Any, batch: dict[str, torch.Tensor], kind: str, cfg: QSFTConfig, target_model: Any = None,
+               behaviour_model: Any = None) -> tuple[torch.Tensor, float | None]:
+    """The Q-SFT loss of a batch and the mean target weight; without a behaviour model, plain SFT (w = 1).
 
-    ``target_model`` None: plain SFT (w = 1), used to train π_β.
+    Every model is read at ``cfg.temperature`` (the rows' sampling temperature).
     """
-
-    def _setup_qsft(self, kind: str, cfg: QSFTConfig, target_model: Any = None, behaviour_model: Any = None) -> None:
-        self.qsft_kind, self.qsft_cfg = kind, cfg
-        self.target_model, self.behaviour_model = target_model, behaviour_model
-        for m in (target_model, behaviour_model):
-            if m is not None:
-                m.to(self.args.device).eval().requires_grad_(False)
-        self._target_means: list[float] = []
-        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let Trainer divide by grad_accum
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cfg, temp = self.qsft_cfg, self.qsft_cfg.temperature
-        logits, targets, mask, rewards = token_logits(model, inputs, self.qsft_kind)
-        logits = logits / temp
-        if self.target_model is None and self.behaviour_model is None:
-            weights = mask.float()
-        elif cfg.target == "monte_carlo":
-            weights = monte_carlo_targets(rewards, mask, cfg.gamma)
-        else:
-            with torch.no_grad():
-                target_logits = token_logits(self.target_model, inputs, self.qsft_kind)[0] / temp
-                behaviour_logits = token_logits(self.behaviour_model, inputs, self.qsft_kind)[0] / temp
-            weights = bellman_targets(rewards, target_logits, behaviour_logits, mask, cfg.gamma, cfg.support_topk)
-        if self.behaviour_model is not None:
-            self._target_means.append(float(weights.sum() / mask.sum().clamp(min=1)))
-        loss = qsft_loss(logits, targets, weights, mask)
-        return (loss, CausalLMOutput(loss=loss, logits=logits)) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._target_means:
-            logs["qsft_target_mean"] = sum(self._target_means) / len(self._target_means)
-            self._target_means.clear()
-        super().log(logs, *args, **kwargs)
-
-
-def _trainer_classes() -> tuple[type, type]:
-    """Built lazily: importing trl is slow and only training needs it."""
-    from transformers import Seq2SeqTrainer
-    from trl import SFTTrainer
-
-    class QSFTCausalTrainer(_QSFTLoss, SFTTrainer):
-        pass
-
-    class QSFTSeq2SeqTrainer(_QSFTLoss, Seq2SeqTrainer):
-        pass
-
-    return QSFTCausalTrainer, QSFTSeq2SeqTrainer
-
-
-class PolyakCallback(TrainerCallback):
-    """Moves the target copy towards the online Q-model after every optimizer step."""
-
-    def __init__(self, target: nn.Module, online: nn.Module, tau: float):
-        self.target, self.online, self.tau = target, online, tau
-
-    def on_step_end(self, args, state, control, **kwargs):
-        polyak_update(self.target, self.online, self.tau)
-
-
-def make_trainer(model: Any, tokenizer: Any, kind: str, features: list[dict], cfg: QSFTConfig, out_dir: Path,
-                 max_steps: int, lr: float, target_model: Any = None, behaviour_model: Any = None) -> Any:
-    """A Trainer for one stage: SFT of π_β (no target) or Q-SFT (target + behaviour)."""
-    from datasets import Dataset
-
-    causal_cls, seq2seq_cls = _trainer_classes()
-    common = dict(output_dir=str(out_dir), per_device_train_batch_size=cfg.batch_size,
-                  gradient_accumulation_steps=cfg.grad_accum, learning_rate=lr, num_train_epochs=cfg.epochs,
-                  max_steps=max_steps, logging_steps=cfg.logging_steps, save_strategy="no", report_to="none",
-                  remove_unused_columns=False, seed=cfg.seed, bf16=False, use_cpu=not torch.cuda.is_available(),
-                  disable_tqdm=True, lr_scheduler_type="constant")
-    if kind == "causal":
-        from trl import SFTConfig
-
-        args = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, gradient_checkpointing=False,
-                         max_length=None)
-        cls = causal_cls
+    temp = cfg.temperature
+    logits, targets, mask, rewards = token_logits(model, batch, kind)
+    logits = logits / temp
+    if behaviour_model is None:
+        weights = mask.float()
+    elif cfg.target == "monte_carlo":
+        weights = monte_carlo_targets(rewards, mask, cfg.gamma)
     else:
-        from transformers import Seq2SeqTrainingArguments
-
-        args, cls = Seq2SeqTrainingArguments(**common), seq2seq_cls
-    trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(features),
-                  data_collator=QSFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the log dicts go to qsft_log.jsonl / metrics.jsonl, not stdout
-    trainer._setup_qsft(kind, cfg, target_model, behaviour_model)
-    if target_model is not None:
-        trainer.add_callback(PolyakCallback(target_model, model, cfg.tau))
-    return trainer
+        with torch.no_grad():
+            target_logits = token_logits(target_model, batch, kind)[0] / temp
+            behaviour_logits = token_logits(behaviour_model, batch, kind)[0] / temp
+        weights = bellman_targets(rewards, target_logits, behaviour_logits, mask, cfg.gamma, cfg.support_topk)
+    mean = float(weights.sum() / mask.sum().clamp(min=1)) if behaviour_model is not None else None
+    return qsft_loss(logits, targets, weights, mask), mean
 
 
-def train_qsft(model_path: str, rows: list[dict], out_dir: Path, config: QSFTConfig) -> Path:
+def fit_stage(model: Any, features: list[dict], cfg: QSFTConfig, kind: str, steps: int, lr: float, pad_token_id: int,
+              seed: int = 0, target_model: Any = None, behaviour_model: Any = None) -> list[dict[str, float]]:
+    """One training stage, an explicit loop: SFT of π_β (no behaviour model) or Q-SFT (target + behaviour).
+
+    ``steps`` optimizer steps (``<= 0``: ``cfg.epochs`` passes over the features) of ``cfg.batch_size`` x
+    ``cfg.grad_accum`` rows, shuffled each epoch; AdamW at a constant ``lr``, gradients clipped to norm 1;
+    after each step the target copy moves towards the model (Polyak, ``cfg.tau``). Returns the log rows
+    (``step``, ``loss``, ``qsft_target_mean``) every ``cfg.logging_steps`` steps.
+    """
+    collate = QSFTCollator(pad_token_id)
+    per_epoch = max(1, -(-len(features) // cfg.batch_size) // cfg.grad_accum)
+    total = steps if steps > 0 else max(1, round(cfg.epochs * per_epoch))
+    device = next(model.parameters()).device
+    for m in (target_model, behaviour_model):
+        if m is not None:
+            m.to(device).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+
+    def next_rows() -> list[dict]:
+        nonlocal order
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(features), generator=gen).tolist()
+        rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        return [features[i] for i in rows]
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    history, losses, means = [], [], []
+    for step in range(1, total + 1):
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next_rows()).items()}
+            loss, mean = batch_loss(model, batch, kind, cfg, target_model, behaviour_model)
+            (loss / cfg.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            if mean is not None:
+                means.append(mean)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if target_model is not None:
+            polyak_update(target_model, model, cfg.tau)
+        if step % cfg.logging_steps == 0 or step == total:
+            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr}
+            if means:
+                row["qsft_target_mean"] = sum(means) / len(means)
+            history.append(row)
+            losses, means = [], []
+    model.eval()
+    return history
+
+
+def train_qsft(model_path: str, rows: list[dict], out_dir: Path, config: QSFTConfig,
+               policy_config: PolicyConfig | None = None, src_lang: str = "English", tgt_lang: str = "German",
+               seed: int = 0) -> Path:
     """SFT π_β on the rows, then Q-SFT p_θ from the same init; returns ``out_dir/q_model`` (π_β in ``out_dir/behaviour``).
 
     Each row: ``src``, ``mt``, ``token_ids`` (target ids, EOS included), ``token_rewards``
     (same length, before rescaling), optional ``score`` (sentence level).
     """
-    from transformers import set_seed
-
     from mtrl.policy import Policy, load_model_and_tokenizer
 
     out_dir = Path(out_dir)
-    set_seed(config.seed)
-    model, tok, kind = load_model_and_tokenizer(model_path, config.policy.kind, config.policy.tokenizer,
-                                                config.policy.dtype)
-    policy = Policy(model, tok, kind, config.policy, config.src_lang, config.tgt_lang)
+    torch.manual_seed(seed)
+    pc = policy_config or PolicyConfig()
+    model, tok, kind = load_model_and_tokenizer(model_path, pc.kind, pc.tokenizer, pc.dtype)
+    policy = Policy(model, tok, kind, pc, src_lang, tgt_lang)
     features = build_features(rows, policy, config)
 
     behaviour = copy.deepcopy(model)
     if config.sft_steps > 0:
-        make_trainer(behaviour, tok, kind, features, config, out_dir / "sft_run", config.sft_steps,
-                     config.sft_lr or config.lr).train()
+        fit_stage(behaviour, features, config, kind, config.sft_steps, config.sft_lr or config.lr, tok.pad_token_id,
+                  seed)
     behaviour.eval().requires_grad_(False)
 
     target = copy.deepcopy(model) if config.target == "bellman" else None  # Monte Carlo targets need no copy
-    trainer = make_trainer(model, tok, kind, features, config, out_dir / "qsft_run", config.max_steps, config.lr,
-                           target_model=target, behaviour_model=behaviour)
-    trainer.train()
-    log = [h for h in trainer.state.log_history if "loss" in h or "qsft_target_mean" in h]
+    log = fit_stage(model, features, config, kind, config.max_steps, config.lr, tok.pad_token_id, seed,
+                    target_model=target, behaviour_model=behaviour)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "qsft_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in log))
 
     for name, m in (("q_model", model), ("behaviour", behaviour)):
@@ -472,3 +449,58 @@ def qsft_translate(q_model: Any, behaviour_model: Any, tokenizer: Any, sources: 
                                    logits_processor=LogitsProcessorList([proc]), **kwargs)
     responses = out[:, 1:] if kind == "seq2seq" else out[:, queries.shape[1]:]
     return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------- the algorithm
+class QSFT:
+    """Offline: label the policy's own samples (or read ``offline.data``), fit π_β and p_θ, decode with both.
+
+    A whole-run algorithm: :meth:`fit` runs once (no rollouts, no per-step checkpoints), and
+    :meth:`translate` is the extraction the runner evaluates after training.
+    """
+
+    writes_final = True  # final/ holds q_model/ and behaviour/, written by train_qsft
+
+    def __init__(self, cfg: QSFTConfig, policy: Any, rewarder: Any, gen: GenerationConfig, accelerator: Any,
+                 total_steps: int):
+        if rewarder.config.mode not in ("token", "sentence"):
+            raise MtrlError("algorithm qsft needs reward.mode 'token' or 'sentence'")
+        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+        self.q_model = self.behaviour = None
+
+    def fit(self, ctx: Any) -> None:
+        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
+        from mtrl.label import offline_rows
+
+        p = self.policy
+        rows = offline_rows(ctx.offline, ctx.model_path, ctx.train_pairs, self.rewarder, ctx.run_dir / "offline",
+                            policy_config=p.cfg, src_lang=p.src_lang, tgt_lang=p.tgt_lang,
+                            max_new_tokens=self.gen.max_new_tokens, seed=ctx.seed, log=ctx.log,
+                            progress=ctx.progress)
+        level = "sentence" if self.rewarder.config.mode == "sentence" else "token"
+        sampled_at = {} if ctx.offline.data else {"temperature": ctx.offline.temperature}  # read every model at T
+        cfg = self.cfg = dataclasses.replace(self.cfg, reward_level=level, **sampled_at)
+        ctx.log(f"mtrl: Q-SFT on {len(rows)} labelled rows ...")
+        out = ctx.run_dir / "final"
+        q_dir = train_qsft(ctx.model_path, rows, out, cfg, p.cfg, p.src_lang, p.tgt_lang, ctx.seed)
+        for line in (out / "qsft_log.jsonl").read_text().splitlines():
+            ctx.log_metrics(json.loads(line))
+        from mtrl.policy import load_model_and_tokenizer
+
+        self.q_model = load_model_and_tokenizer(str(q_dir))[0]
+        self.behaviour = load_model_and_tokenizer(str(out / "behaviour"))[0]
+
+    def translate(self, sources: Sequence[str]) -> list[str]:
+        """Greedy (or beam) decoding with log π_β + β log p_θ, length-sorted batches, input order."""
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        hyps = [""] * len(sources)
+        p, gen = self.policy, self.gen
+        for i in range(0, len(order), gen.eval_batch_size):
+            idx = order[i:i + gen.eval_batch_size]
+            out = qsft_translate(self.q_model, self.behaviour, p.tokenizer, [sources[j] for j in idx],
+                                 beta=self.cfg.beta, max_new_tokens=gen.max_new_tokens, num_beams=gen.eval_num_beams,
+                                 policy_config=p.cfg, src_lang=p.src_lang, tgt_lang=p.tgt_lang,
+                                 temperature=self.cfg.temperature)
+            for j, t in zip(idx, out):
+                hyps[j] = t.strip()
+        return hyps

@@ -7,12 +7,40 @@ Modules are imported lazily so that the embedded default never pays for
 from __future__ import annotations
 
 import re
-from typing import Any
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from mtrl.detectors.base import Detection, Detector
+from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
 from mtrl.errors import MtrlError
 
-DETECTORS = ("reference", "xcomet", "gold", "bleu", "chrf")
+DetectorName = Literal["reference", "xcomet", "gold", "bleu", "chrf"]  # bleu/chrf: a score, no spans
+DETECTORS: tuple[str, ...] = typing.get_args(DetectorName)
+
+
+@dataclass
+class DetectorConfig:
+    """The ``detector:`` section of a recipe (and of ``mtrl score/label`` options)."""
+
+    name: DetectorName = "reference"
+    model: str | None = None  # xcomet: hub id or local checkpoint (default Unbabel/XCOMET-XL)
+    batch_size: int = 16
+    use_reference: bool = False  # xcomet: QE (source + hypothesis) like Ramos et al., or with the reference
+    path: str | None = None  # gold: annotated rows
+    options: dict[str, Any] = field(default_factory=dict)  # more constructor options, e.g. reference: omission_weight
+
+    def build(self) -> Detector:
+        """The detector these settings describe (the one place that turns them into constructor options)."""
+        if self.model and self.name != "xcomet":
+            raise MtrlError(f"detector.model is only used by the xcomet detector, not {self.name}")
+        opts: dict[str, Any] = {}
+        if self.name == "xcomet":
+            opts = {"model": self.model or DEFAULT_XCOMET, "batch_size": self.batch_size}
+        elif self.name == "gold":
+            if not self.path:
+                raise MtrlError("the gold detector needs detector.path (a file of annotated rows)")
+            opts = {"path": self.path}
+        return load_detector(self.name, **opts, **self.options)
 
 
 def load_detector(name: str, **options: Any) -> Detector:
@@ -45,4 +73,4 @@ def _build(name: str, options: dict[str, Any]) -> Detector:
     raise MtrlError(f"unknown detector {name!r}; allowed: {', '.join(DETECTORS)}")
 
 
-__all__ = ["DETECTORS", "Detection", "Detector", "load_detector"]
+__all__ = ["DEFAULT_XCOMET", "DETECTORS", "Detection", "Detector", "DetectorConfig", "load_detector"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from mtrl.spans import ErrorSpan
 
+DEFAULT_XCOMET = "Unbabel/XCOMET-XL"  # the detector of Ramos et al. (2024)
+
 
 @dataclass
 class Detection:

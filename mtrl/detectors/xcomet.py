@@ -30,11 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mtrl.detectors.base import Detection, Detector
+from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
 from mtrl.errors import MtrlError
 from mtrl.spans import ErrorSpan, sanitize_spans
 
-DEFAULT_MODEL = "Unbabel/XCOMET-XL"
+DEFAULT_MODEL = DEFAULT_XCOMET
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Loggers that print on every predict call ("GPU available: ...", "LOCAL_RANK ...", "Tip: ...").
 _NOISY_LOGGERS = ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch",

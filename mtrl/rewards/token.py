@@ -1,4 +1,4 @@
-"""Error spans + token intervals -> one reward per token, and the reward modes.
+"""Error spans + token intervals -> one reward per token (the span part of every reward mode).
 
 Inputs come from :mod:`mtrl.alignment` (the decoded ``text`` and one ``(start, end)``
 interval per token) and from a detector (:class:`~mtrl.detectors.base.Detection`).
@@ -10,20 +10,14 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mtrl.detectors.base import Detection
 from mtrl.errors import MtrlError
+from mtrl.rewards.config import RewardConfig, allowed
 from mtrl.spans import ErrorSpan, SeverityMap, get_severity_map
 
-TOKEN_REWARD_MODES: tuple[str, ...] = ("max", "spread")
-REWARD_MODES: tuple[str, ...] = ("token", "sentence", "hybrid", "r3hf")
-# "r3hf" (reward redistribution from prefix scores) needs a scorer call per prefix, so it is
-# computed by :mod:`mtrl.redistribution`, not by :func:`token_rewards`.
-R3HF_SCORERS: tuple[str, ...] = ("detector", "chrf", "bleu", "comet")
-R3HF_LEVELS: tuple[str, ...] = ("token", "word")
-HYBRID_SENTENCE: tuple[str, ...] = ("last", "r3hf")
+TOKEN_REWARD_MODES = allowed("token_rewards")
 
 
 def _prepare(text: str, spans: Iterable[ErrorSpan | Mapping[str, Any]], smap: SeverityMap) -> list[tuple[int, int, float, bool]]:
@@ -145,63 +139,6 @@ def spans_to_token_rewards(
     return out
 
 
-@dataclass(frozen=True)
-class RewardConfig:
-    """How detections become token rewards (the ``reward:`` section of a recipe).
-
-    ``mode``: ``token`` (span penalties on tokens), ``sentence`` (the detector's
-    sentence score on the final token), ``hybrid`` (both; the sentence score scaled
-    by ``hybrid_weight``). ``severity_map``: a named map or a mapping of severities
-    to values. ``token_rewards``: ``max`` or ``spread``. ``no_error`` replaces the
-    map's value for error-free tokens.
-    """
-
-    mode: str = "token"
-    severity_map: str | Mapping[str, Any] | SeverityMap = "xcomet"
-    token_rewards: str = "max"
-    no_error: float = 0.0
-    hybrid_weight: float = 1.0
-    scorer: str = "detector"  # r3hf: the sentence scorer evaluated on every prefix
-    scorer_model: str | None = None  # r3hf with the comet scorer: hub id or local checkpoint
-    r3hf_level: str = "token"  # r3hf: prefixes at every token, or only at word ends (cheaper)
-    hybrid_sentence: str = "last"  # hybrid: the scorer's sentence score on the last token, or spread by r3hf
-    smap: SeverityMap = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.mode not in REWARD_MODES:
-            raise MtrlError(f"reward mode: unknown value {self.mode!r}; allowed: {', '.join(REWARD_MODES)}")
-        if self.token_rewards not in TOKEN_REWARD_MODES:
-            raise MtrlError(
-                f"reward token_rewards: unknown value {self.token_rewards!r}; allowed: {', '.join(TOKEN_REWARD_MODES)}"
-            )
-        for key, allowed in (("scorer", R3HF_SCORERS), ("r3hf_level", R3HF_LEVELS),
-                             ("hybrid_sentence", HYBRID_SENTENCE)):
-            if getattr(self, key) not in allowed:
-                raise MtrlError(f"reward {key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
-        for key in ("no_error", "hybrid_weight"):
-            val = getattr(self, key)
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or abs(val) == float("inf"):
-                raise MtrlError(f"reward {key}: must be a finite number, got {val!r}")
-            object.__setattr__(self, key, float(val))
-        try:
-            smap = get_severity_map(self.severity_map, no_error=self.no_error)
-        except MtrlError as e:
-            raise MtrlError(f"reward severity_map: {e}") from e
-        except (TypeError, ValueError) as e:
-            raise MtrlError(f"reward severity_map: {e}; allowed: xcomet, wmt-mqm or a mapping") from e
-        object.__setattr__(self, "smap", smap)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardConfig:
-        """Build from a config mapping; unknown keys are an error naming the allowed ones."""
-        d = dict(d or {})
-        allowed = [f.name for f in fields(cls) if f.init]
-        extra = sorted(set(d) - set(allowed))
-        if extra:
-            raise MtrlError(f"reward: unknown key(s) {', '.join(extra)}; allowed: {', '.join(allowed)}")
-        return cls(**d)
-
-
 def token_rewards(
     detection: Detection,
     text: str,
@@ -232,23 +169,10 @@ def token_rewards(
         out = [0.0] * n
         out[last] = float(detection.score)
         return out
-    out = spans_to_token_rewards(text, offsets, detection.spans, config.smap, config.token_rewards)
+    out = spans_to_token_rewards(text, offsets, detection.spans, config.severity(), config.token_rewards)
     if mode == "token":  # an omission has no span: it belongs to the decision to stop
         out[last] += detection.omission_penalty
     if mode == "hybrid":
         out[last] += config.hybrid_weight * float(detection.score if sentence_score is None else sentence_score)
     return out
 
-
-def batch_token_rewards(
-    detections: Sequence[Detection],
-    texts: Sequence[str],
-    offsets: Sequence[Sequence[tuple[int, int]]],
-    config: RewardConfig,
-    last_indices: Sequence[int | None] | None = None,
-) -> list[list[float]]:
-    """:func:`token_rewards` for aligned lists (one entry per rollout)."""
-    if not len(detections) == len(texts) == len(offsets):
-        raise ValueError(f"lengths differ: {len(detections)} detections, {len(texts)} texts, {len(offsets)} offsets")
-    lasts = last_indices if last_indices is not None else [None] * len(texts)
-    return [token_rewards(d, t, o, config, li) for d, t, o, li in zip(detections, texts, offsets, lasts, strict=False)]

@@ -15,98 +15,20 @@ non-whitespace) and each word's difference is spread over the tokens that
 overlap it in proportion to overlapped characters: T calls per hypothesis
 become (number of words) calls.
 
-All prefixes of a batch are scored in one call to the scorer, through a cache
-keyed by (source, prefix, reference), so the empty prefix and repeated prefixes
-are scored once.
-
-Scorers (higher is better, each in its own scale): ``chrf`` and ``bleu``
-(sacrebleu's sentence-level chrF / BLEU, 0-100, identical to ``sentence_chrf`` /
-``sentence_bleu``), ``detector`` (a detector's sentence score), ``comet`` (any
-COMET model's score through ``unbabel-comet``).
+All prefixes of a batch are scored in one call to the scorer
+(:mod:`mtrl.rewards.scorers`), through a cache keyed by (source, prefix,
+reference), so the empty prefix and repeated prefixes are scored once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mtrl.detectors.base import Detector
 from mtrl.errors import MtrlError
+from mtrl.rewards.config import allowed
+from mtrl.rewards.scorers import SentenceScorer
 
-SCORERS = ("detector", "chrf", "bleu", "comet")
-LEVELS = ("token", "word")
-
-
-class SentenceScorer:
-    """Scores (source, hypothesis, reference) rows; higher is better."""
-
-    name = "scorer"
-    needs_reference = False
-
-    def score(self, sources: Sequence[str], hypotheses: Sequence[str],
-              references: Sequence[str | None] | None) -> list[float]:
-        raise NotImplementedError
-
-
-class SacrebleuScorer(SentenceScorer):
-    """Sentence chrF or BLEU with sacrebleu's defaults (the numbers of ``sentence_chrf``/``sentence_bleu``)."""
-
-    needs_reference = True
-
-    def __init__(self, metric: str):
-        from sacrebleu.metrics import BLEU, CHRF
-
-        self.name = metric
-        self.metric = CHRF() if metric == "chrf" else BLEU(effective_order=True)
-
-    def score(self, sources, hypotheses, references) -> list[float]:
-        return [self.metric.sentence_score(h, [r]).score for h, r in zip(hypotheses, references)]
-
-
-class DetectorScorer(SentenceScorer):
-    def __init__(self, detector: Detector):
-        self.detector, self.name = detector, detector.name
-        self.needs_reference = detector.needs_reference
-
-    def score(self, sources, hypotheses, references) -> list[float]:
-        return [d.score for d in self.detector.detect(sources, hypotheses, references)]
-
-
-class CometScorer(SentenceScorer):
-    """A COMET model's segment scores (e.g. Unbabel/wmt22-comet-da, a CometKiwi or xCOMET checkpoint)."""
-
-    def __init__(self, model: str, batch_size: int = 16, gpus: int | None = None):
-        from mtrl.detectors.xcomet import _quiet, load_comet_checkpoint, resolve_checkpoint
-
-        self.name, self.batch_size, self._quiet = "comet", batch_size, _quiet
-        with _quiet():
-            self.model = load_comet_checkpoint(resolve_checkpoint(model))
-        if gpus is None:
-            import torch
-
-            gpus = 1 if torch.cuda.is_available() else 0
-        self.gpus = gpus
-
-    def score(self, sources, hypotheses, references) -> list[float]:
-        rows = [{"src": s, "mt": h, **({"ref": r} if r else {})}
-                for s, h, r in zip(sources, hypotheses, references or [None] * len(sources))]
-        with self._quiet():
-            out = self.model.predict(rows, batch_size=self.batch_size, gpus=self.gpus, progress_bar=False)
-        return [float(x) for x in out.scores]
-
-
-def load_scorer(name: str, detector: Detector | None = None, model: str | None = None,
-                batch_size: int = 16) -> SentenceScorer:
-    if name in ("chrf", "bleu"):
-        return SacrebleuScorer(name)
-    if name == "detector":
-        if detector is None:
-            raise MtrlError("the detector scorer needs a detector")
-        return DetectorScorer(detector)
-    if name == "comet":
-        if not model:
-            raise MtrlError("the comet scorer needs a model (hub id or local checkpoint)")
-        return CometScorer(model, batch_size)
-    raise MtrlError(f"unknown scorer {name!r}; allowed: {', '.join(SCORERS)}")
+LEVELS = allowed("r3hf_level")
 
 
 def prefix_boundaries(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:

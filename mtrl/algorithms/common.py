@@ -1,0 +1,145 @@
+"""What the on-policy algorithms share: masked statistics, the KL penalty, the optimiser, the step's metrics.
+
+Each algorithm file (``ppo.py``, ``reinforce.py``) reads top to bottom on its own;
+this module holds only the small pieces both would otherwise copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mtrl.spans import SEVERITIES
+
+
+@dataclass
+class OnPolicyConfig:
+    """Keys every on-policy algorithm reads (``algorithm:`` section); PPO adds its own."""
+
+    lr: float = 1e-5
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 32  # sources per step, per process
+    samples_per_prompt: int = 1  # rloo needs >= 2
+    minibatch_size: int = 16
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = None  # adaptive KL controller (Ziegler et al. 2019) when set
+    kl_horizon: int = 10000
+    weight_decay: float = 0.0
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the valid entries; padding stays 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: ``k1`` = log-ratio, ``k3`` = Schulman's."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; allowed: k1, k3")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move kl_coef so that the observed KL tracks ``target`` (fixed when None)."""
+
+    def __init__(self, init: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.target is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n_samples / self.horizon
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: OnPolicyConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the parameter groups and the recipe's LR schedule."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+class OptimizerState:
+    """Checkpoint state of an on-policy algorithm: its optimiser, LR schedule and KL coefficient."""
+
+    optimizer: Any
+    scheduler: Any
+    kl_ctl: AdaptiveKLController
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "kl_coef": self.kl_ctl.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.value = state["kl_coef"]
+
+
+def rollout_metrics(rollout: Any, rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+                    t0: float) -> dict[str, float]:
+    """The per-step numbers every on-policy algorithm logs (``metrics.jsonl``)."""
+    seq_reward = rollout.rewards.sum(1)
+    elapsed = time.perf_counter() - t0
+    return {
+        "reward_mean": float(seq_reward.mean()),
+        "reward_std": float(seq_reward.std()) if len(seq_reward) > 1 else 0.0,
+        "total_reward_mean": float(rewards.sum(1).mean()),
+        "sentence_score_mean": float(np.mean(rollout.scores)),
+        **{f"spans_{s}": sum(sp.severity == s for d in rollout.detections for sp in d.spans) for s in SEVERITIES},
+        "kl": float(kl.sum(1).mean()),
+        "kl_coef": kl_coef,
+        "tokens_per_s": rollout.stats["response_tokens"] / elapsed,
+        "step_time_s": elapsed,
+        "response_length_mean": rollout.stats["response_length_mean"],
+    }
+
+
+@dataclass
+class RunContext:
+    """What the runner hands a whole-run algorithm's ``fit`` (GRPO, Q-SFT)."""
+
+    train_pairs: Any
+    run_dir: Any  # pathlib.Path
+    seed: int
+    model_path: str  # the initial policy's weights
+    offline: Any  # the recipe's offline section (mtrl.label.OfflineConfig)
+    log: Any  # a stage message (str) -> None
+    log_metrics: Any  # a metrics.jsonl row (dict) -> None
+    progress: bool = True

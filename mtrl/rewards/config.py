@@ -1,0 +1,91 @@
+"""The ``reward:`` section of a recipe: one schema, one list of allowed values.
+
+``mtrl train``, ``mtrl score``, ``mtrl label`` and every algorithm read the same
+:class:`RewardConfig`; the allowed values below are the only copy (the recipe
+validator reads the ``Literal`` types, the command line reads :func:`allowed`).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from mtrl.errors import MtrlError
+from mtrl.spans import SeverityMap, get_severity_map
+
+RewardMode = Literal["token", "sentence", "hybrid", "r3hf"]
+TokenRewardMode = Literal["max", "spread"]
+ScorerName = Literal["detector", "chrf", "bleu", "comet"]
+R3HFLevel = Literal["token", "word"]
+HybridSentence = Literal["last", "r3hf"]
+
+
+@dataclass
+class RewardConfig:
+    """How scores and spans become per-token rewards.
+
+    ``mode``: ``token`` (span penalties on the tokens they cover, omissions on the last token),
+    ``sentence`` (the detector's score on the last token), ``hybrid`` (span penalties +
+    ``hybrid_weight`` x a sentence score: the detector's, or ``scorer``'s, on the last token or spread
+    by R3HF with ``hybrid_sentence: r3hf``), ``r3hf`` (``scorer``'s score differences of successive
+    prefixes). ``scale`` multiplies every reward (e.g. 0.1 brings -10 penalties near the KL scale).
+    """
+
+    mode: RewardMode = "token"
+    severity_map: str | dict[str, Any] = "xcomet"
+    token_rewards: TokenRewardMode = "max"
+    no_error: float = 0.0
+    hybrid_weight: float = 1.0
+    scale: float = 1.0
+    scorer: ScorerName = "detector"  # r3hf: scored on every prefix; hybrid: the sentence score added
+    scorer_model: str | None = None  # scorer comet: hub id or local checkpoint
+    r3hf_level: R3HFLevel = "token"  # prefixes at every token, or only at word ends (cheaper)
+    hybrid_sentence: HybridSentence = "last"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = allowed(f.name)
+            if choices and getattr(self, f.name) not in choices:
+                raise MtrlError(f"reward.{f.name}: {getattr(self, f.name)!r} is not allowed; allowed: "
+                                + ", ".join(choices))
+        for key in ("no_error", "hybrid_weight", "scale"):
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or abs(val) == float("inf"):
+                raise MtrlError(f"reward.{key}: must be a finite number, got {val!r}")
+            setattr(self, key, float(val))
+        try:
+            self._severity = get_severity_map(self.severity_map, no_error=self.no_error)
+        except (MtrlError, TypeError, ValueError) as e:
+            raise MtrlError(f"reward.severity_map: {e}") from None
+
+    def severity(self) -> SeverityMap:
+        """The severity map with ``no_error`` applied (built once, on validation)."""
+        return self._severity
+
+    @property
+    def uses_scorer(self) -> bool:
+        """Whether a sentence scorer other than the detector's own score is needed."""
+        return self.mode == "r3hf" or (self.mode == "hybrid" and
+                                       (self.scorer != "detector" or self.hybrid_sentence == "r3hf"))
+
+    @property
+    def redistributes(self) -> bool:
+        """Whether a sentence score is spread over the tokens by R3HF."""
+        return self.mode == "r3hf" or (self.mode == "hybrid" and self.hybrid_sentence == "r3hf")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RewardConfig:
+        """Build from a mapping; an unknown key is an error naming the allowed ones."""
+        d = dict(d or {})
+        names = [f.name for f in fields(cls)]
+        extra = sorted(set(d) - set(names))
+        if extra:
+            raise MtrlError(f"reward: unknown key(s) {', '.join(extra)}; allowed: {', '.join(names)}")
+        return cls(**d)
+
+
+def allowed(key: str) -> tuple[str, ...]:
+    """The allowed values of a ``reward`` key with a fixed set of values (empty for free-form keys)."""
+    tp = typing.get_type_hints(RewardConfig).get(key)
+    return tuple(typing.get_args(tp)) if typing.get_origin(tp) is Literal else ()
