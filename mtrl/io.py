@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,15 @@ from mtrl.errors import MtrlError
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """Lines of a UTF-8 text file (``.gz`` too), without their line ends (one segment per line)."""
-    data = _read_bytes(path)
-    lines = data.split(b"\n")
+    """Lines of a UTF-8 text file (``.gz`` too), without their line ends (one segment per line).
+
+    A leading UTF-8 byte-order mark is dropped: it is an encoding mark, not part of the first segment.
+    """
+    return _decode_lines(_read_bytes(path), path)
+
+
+def _decode_lines(data: bytes, path: str | Path) -> list[str]:
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     out = []
@@ -38,10 +45,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [obj for _, obj in numbered_jsonl(path)]
 
 
-def numbered_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+def numbered_jsonl(path: str | Path, lines: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of a JSON-lines file, so callers can name the line of a later problem."""
     rows = []
-    for i, line in enumerate(read_lines(path), 1):
+    for i, line in enumerate(read_lines(path) if lines is None else lines, 1):
         if not line.strip():
             continue
         try:
@@ -52,6 +59,25 @@ def numbered_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise MtrlError(f"{path}: line {i} is not a JSON object")
         rows.append((i, obj))
     return rows
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Objects of an append-only JSON-lines log (``metrics.jsonl``, a labelling ``.partial``).
+
+    A crash can leave the last line half-written: that line is dropped with a warning on stderr and
+    everything before it is read. A bad line anywhere else is still an error naming the line.
+    """
+    data = _read_bytes(path)
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            n = data.count(b"\n") + 1
+            print(f"mtrl: warning: {path}: line {n} is incomplete (an interrupted write?); reading the "
+                  f"{n - 1} lines before it", file=sys.stderr)
+            data = data[:cut]
+    return [obj for _, obj in numbered_jsonl(path, _decode_lines(data, path))]
 
 
 def _read_bytes(path: str | Path) -> bytes:
