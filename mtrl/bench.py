@@ -34,7 +34,7 @@ import yaml
 
 from mtrl.errors import MtrlError
 from mtrl.io import atomic_open
-from mtrl.recipe import load_recipe
+from mtrl.recipe import load_recipe, yaml_error
 
 
 @dataclass
@@ -53,7 +53,7 @@ def load_bench(path: str | Path) -> Bench:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise MtrlError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise yaml_error(path, e) from None
     allowed = {"base", "output", "seeds", "schemes", "overrides"}
     for key in data:
         if key not in allowed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,36 @@ from typing import Any
 from mtrl.errors import MtrlError
 
 SEVERITY_COLORS = {"minor": "33", "major": "31", "critical": "1;35"}
+
+
+# --------------------------------------------------------------------------- checks before the work
+def check_at_least(value: float | None, flag: str, low: int) -> None:
+    """``value`` (when given) is >= ``low``; else one error line naming the flag and the allowed range."""
+    if value is not None and value < low:
+        raise MtrlError(f"{flag} must be >= {low} (got {value})")
+
+
+def check_positive(value: float | None, flag: str) -> None:
+    """``value`` (when given) is a finite number > 0."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise MtrlError(f"{flag} must be a number > 0 (got {value})")
+
+
+def check_writable(path: str | Path | None, flag: str) -> None:
+    """Fail now, not after the work, when ``path`` cannot be written: it is a directory, a parent is a file,
+    or the nearest existing folder is not writable. Creates nothing (missing parents are made when writing)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise MtrlError(f"{flag} {path}: is a directory, expected a file name")
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MtrlError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MtrlError(f"{flag} {path}: cannot write in {parent} (permission denied)")
 
 
 # --------------------------------------------------------------------------- score
@@ -110,6 +141,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from mtrl.rewards import Rewarder
     from mtrl.score import load_tokenizer, score, summarize
 
+    check_at_least(args.batch_size, "--batch-size", 1)
+    check_writable(args.output, "--output")
     reward = reward_from_args(args)
     rows = load_score_rows(args)
     gold = None
@@ -227,7 +260,7 @@ def add_score_parser(sub: Any) -> None:
     p.add_argument("--model", help="xCOMET hub id or local checkpoint (default Unbabel/XCOMET-XL)")
     p.add_argument("--tokenizer", help="hub id or local path: write per-token rewards for this tokenizer")
     add_reward_flags(p)
-    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet)")
+    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet), >= 1")
     p.add_argument("--output", help="output file (written atomically); stdout when absent")
     p.add_argument("--format", choices=("jsonl", "pretty"), default="jsonl")
     p.add_argument("--progress", action="store_true", help="always show the progress bar")
@@ -243,13 +276,23 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     if bool(args.input) == bool(args.policy):
         raise MtrlError("give either --input (existing MT outputs) or --policy with --samples and --data")
+    for flag in ("max_sources", "samples", "max_new_tokens", "batch_size", "max_tokens"):
+        check_at_least(getattr(args, flag), "--" + flag.replace("_", "-"), 1)
+    check_positive(args.temperature, "--temperature")
+    output = Path(args.output)
+    if output.suffix == ".parquet":
+        raise MtrlError(f"--output {args.output}: give the JSON-lines name (the .parquet copy is written beside it)")
+    for path in (output, output.with_suffix(".parquet"), *(output.with_name(output.name + x)
+                                                             for x in (".partial", ".samples.jsonl"))):
+        check_writable(path, "--output")
     reward = reward_from_args(args)
     if args.policy:
         from mtrl.datasets import load_pairs
 
         pairs = load_pairs(args.data, limit=args.max_sources)
         rows = sample_rows(args.policy, pairs, args.samples, args.temperature, args.max_new_tokens,
-                           seed=args.seed, src_lang=args.src_lang, tgt_lang=args.tgt_lang, progress=not args.quiet)
+                           seed=args.seed, src_lang=args.src_lang, tgt_lang=args.tgt_lang, progress=not args.quiet,
+                           cache=output.with_name(output.name + ".samples.jsonl"))
     else:
         rows = read_mt_outputs(args.input, args.ref_column)
     if not rows:
@@ -262,8 +305,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     detector = DetectorConfig(name=args.detector, model=args.model, batch_size=args.batch_size,
                               use_reference=True).build()
     rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None)
-    counts = label(rows, args.output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
-    print_summary(counts, Path(args.output))
+    counts = label(rows, output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
+    if args.policy:  # the labels are complete: the sampled rows are in OUTPUT now
+        output.with_name(output.name + ".samples.jsonl").unlink(missing_ok=True)
+    print_summary(counts, output)
     return 0
 
 
@@ -274,21 +319,24 @@ def add_label_parser(sub: Any) -> None:
     p.add_argument("--input", help="JSONL (src/mt/ref) or a WMT-style TSV (source, ref_A, hyp_<SYSTEM> columns)")
     p.add_argument("--ref-column", default="ref_A", help="reference column of a TSV input (default ref_A)")
     p.add_argument("--policy", help="sample hypotheses from this model (hub id, local path or mtrl:tiny-marian)")
-    p.add_argument("--samples", type=int, default=4, help="samples per source with --policy (default 4)")
+    p.add_argument("--samples", type=int, default=4, help="samples per source with --policy, >= 1 (default 4)")
     p.add_argument("--data", default="multi30k:train", help="sources to sample from: multi30k:SPLIT or a file")
-    p.add_argument("--max-sources", type=int, help="use only the first N sources")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sources", type=int, help="use only the first N sources, N >= 1 (default: all)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest sample, >= 1 (default 64)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each chunk of samples is seeded from (seed, chunk), so an interrupted "
+                        "run, rerun, samples what OUTPUT.samples.jsonl lacks and gets the same rows")
     p.add_argument("--src-lang", default="English", help="source language name in a causal policy's prompt")
     p.add_argument("--tgt-lang", default="German", help="target language name in a causal policy's prompt")
-    p.add_argument("--output", required=True, help="output JSON lines (a .parquet copy is written beside it)")
+    p.add_argument("--output", required=True, help="output JSON lines (a .parquet copy is written beside it; "
+                                                   "OUTPUT.partial and OUTPUT.samples.jsonl hold unfinished work)")
     p.add_argument("--detector", choices=("reference", "xcomet"), default="reference")
     p.add_argument("--model", help="xCOMET hub id or local checkpoint")
     p.add_argument("--tokenizer", help="write token_ids/token_rewards for this tokenizer (default: --policy's)")
     add_reward_flags(p)
-    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longer hypotheses are rejected (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet), >= 1")
+    p.add_argument("--max-tokens", type=int, default=256, help="longer hypotheses are rejected, >= 1 (default 256)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_label)
 
@@ -331,6 +379,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = [m for m in metrics if m not in EVAL_METRICS]
     if unknown:
         raise MtrlError(f"--metrics: unknown {', '.join(unknown)}; allowed: {', '.join(EVAL_METRICS)}")
+    if not metrics:
+        raise MtrlError(f"--metrics: give at least one of {', '.join(EVAL_METRICS)}")
+    for flag in ("beams", "max_new_tokens", "batch_size"):
+        check_at_least(getattr(args, flag), "--" + flag.replace("_", "-"), 1)
+    check_at_least(args.bootstrap, "--bootstrap", 0)
+    check_writable(args.output, "--output")
     if args.model:
         if args.hyp:
             raise MtrlError("give either --model (translate, then score) or --hyp files, not both")
@@ -388,13 +442,13 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("--data", help="with --model: sources and references (JSONL/TSV file or multi30k:SPLIT)")
     p.add_argument("--src-lang", default="English")
     p.add_argument("--tgt-lang", default="German")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--beams", type=int, default=1, help="beam size with --model, >= 1 (default 1: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="with --model, >= 1 (default 128)")
+    p.add_argument("--batch-size", type=int, default=64, help="with --model, >= 1 (default 64)")
     p.add_argument("--metrics", default="bleu,chrf,chrf++,ter",
                    help="comma-separated: bleu, chrf, chrf++, ter, comet, detector (default bleu,chrf,chrf++,ter)")
     p.add_argument("--comet-model", help="COMET hub id or local checkpoint (e.g. Unbabel/wmt22-comet-da)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no test)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples, >= 0 (0: no test; default 1000)")
     p.add_argument("--format", choices=("json", "markdown"), default="json")
     p.add_argument("--output", help="output file (written atomically); stdout when absent")
     p.set_defaults(func=cmd_eval)
@@ -411,11 +465,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from mtrl.stability import plot_kl_entropy, plot_reward_curves, stability_report
 
+    if args.plot:
+        for name in ("reward_curves.png", "kl_entropy.png"):
+            check_writable(Path(args.plot) / name, "--plot")
     for run in args.runs:
         print(json.dumps({"run": run, **stability_report(run)}, indent=2))
     if args.plot:
-        from pathlib import Path
-
         runs = {Path(r).name: [r] for r in args.runs}
         print(plot_reward_curves(runs, Path(args.plot) / "reward_curves.png"), file=sys.stderr)
         print(plot_kl_entropy(runs, Path(args.plot) / "kl_entropy.png"), file=sys.stderr)

@@ -9,7 +9,10 @@ tokenizer, ``token_ids`` and ``token_rewards``: exactly what the offline trainer
 read. Sampled rows keep the ids that were sampled and are rewarded on them.
 
 * Resumable: every finished chunk is appended to ``OUTPUT.partial``; a rerun
-  skips rows already labelled there or in a finished ``OUTPUT``.
+  skips rows already labelled there or in a finished ``OUTPUT``. A half-written
+  last line (a crash during the append) is dropped with a warning. Sampling from a
+  policy resumes too: ``mtrl label --policy`` keeps the sampled rows in
+  ``OUTPUT.samples.jsonl`` (see :func:`sample_rows`), deleted once ``OUTPUT`` is written.
 * De-duplicated: a repeated (source, hypothesis, reference) row is scored once.
 * Bad rows (empty hypothesis, over-length, missing reference) are written to
   ``OUTPUT.rejected.jsonl`` with a ``reason`` and counted in the summary.
@@ -19,19 +22,21 @@ read. Sampled rows keep the ids that were sampled and are rewarded on them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from mtrl.errors import MtrlError
-from mtrl.io import atomic_open, read_jsonl, write_jsonl
+from mtrl.io import atomic_open, read_jsonl, read_log, write_jsonl
 from mtrl.rewards import Rewarder, hypothesis_intervals
+from mtrl.schema import Range
 from mtrl.score import score
 
 Key = tuple[str, str, str | None]
@@ -64,33 +69,120 @@ def read_mt_outputs(path: str | Path, ref_column: str = "ref_A") -> list[dict[st
     return rows
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The torch seed of sampling chunk ``chunk``: a hash of (seed, chunk), the same in every process."""
+    digest = hashlib.sha256(f"mtrl-sample:{seed}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def sample_rows(model: str, pairs: Sequence[tuple[str, str]], samples: int, temperature: float = 1.0,
                 max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, policy_config: Any = None,
-                src_lang: str = "English", tgt_lang: str = "German", progress: bool = True) -> list[dict[str, Any]]:
+                src_lang: str = "English", tgt_lang: str = "German", progress: bool = True,
+                cache: str | Path | None = None) -> list[dict[str, Any]]:
     """N sampled translations per source from a policy (hub id or local path), with the sampled ``token_ids``.
 
     The ids are kept so that labelling rewards exactly the tokens that were sampled (a decoded
     hypothesis re-encoded can tokenise differently). ``src_lang``/``tgt_lang`` fill a causal
     policy's prompt.
+
+    The (source, sample) list is sampled in chunks of ``batch_size`` rows, chunk ``c`` with
+    ``torch.manual_seed(chunk_seed(seed, c))``: a chunk's samples depend only on the seed, the settings and
+    the chunk's own rows, never on the chunks sampled before it in this process. ``cache`` (a JSON-lines
+    file, ``mtrl label`` uses ``OUTPUT.samples.jsonl``) makes sampling resumable: each finished chunk is
+    appended to it, and a rerun with the same settings samples only the chunks it lacks, so it returns the
+    rows an uninterrupted run returns. The policy is not loaded when every chunk is cached.
     """
-    import torch
+    expanded = [(i, s, r, k) for i, (s, r) in enumerate(pairs) for k in range(samples)]
+    chunks = [expanded[c:c + batch_size] for c in range(0, len(expanded), batch_size)]
+    settings = {"model": model, "samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "seed": seed, "src_lang": src_lang, "tgt_lang": tgt_lang,
+                "policy_config": None if policy_config is None else repr(policy_config)}
+    cached = _read_sample_cache(Path(cache), settings, pairs) if cache is not None else {}
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    todo = []
+    for c, chunk in enumerate(chunks):
+        got = [cached.get((i, k)) for i, _, _, k in chunk]
+        if all(g is not None and g["chunk"] == c and g["chunk_rows"] == len(chunk) for g in got):
+            rows.update(((i, k), g) for (i, _, _, k), g in zip(chunk, got))
+        else:
+            todo.append(c)
+    if todo:
+        import torch
 
-    from mtrl.policy import GenerationConfig, PolicyConfig, build_policy
-    from mtrl.rollout import response_ids
+        from mtrl.policy import GenerationConfig, PolicyConfig, build_policy
+        from mtrl.rollout import response_ids
 
-    torch.manual_seed(seed)
-    policy = build_policy(policy_config or PolicyConfig(model=model), model, src_lang, tgt_lang)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    rows = []
-    expanded = [(s, r, k) for s, r in pairs for k in range(samples)]
-    for i in tqdm(range(0, len(expanded), batch_size), desc="sample", disable=not progress, leave=False):
-        chunk = expanded[i:i + batch_size]
-        q, qm = policy.encode_sources([c[0] for c in chunk])
-        responses, mask = policy.generate(q, qm, gen, sample=True)
-        ids = response_ids(responses, mask)
-        texts, _ = hypothesis_intervals(policy.tokenizer, ids)
-        rows += [{"src": s, "mt": t, "ref": r, "sample": k, "token_ids": x}
-                 for (s, r, k), t, x in zip(chunk, texts, ids)]
+        policy = build_policy(policy_config or PolicyConfig(model=model), model, src_lang, tgt_lang)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            if not _log_lines(Path(cache)):  # absent or empty: start it with the settings line
+                with open(cache, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"settings": settings}, ensure_ascii=False) + "\n")
+        for c in tqdm(todo, desc="sample", disable=not progress, leave=False):
+            chunk = chunks[c]
+            torch.manual_seed(chunk_seed(seed, c))
+            q, qm = policy.encode_sources([x[1] for x in chunk])
+            responses, mask = policy.generate(q, qm, gen, sample=True)
+            ids = response_ids(responses, mask)
+            texts, _ = hypothesis_intervals(policy.tokenizer, ids)
+            new = [{"source_index": i, "src": s, "mt": t, "ref": r, "sample": k, "token_ids": x, "chunk": c,
+                    "chunk_rows": len(chunk)} for (i, s, r, k), t, x in zip(chunk, texts, ids)]
+            if cache is not None:  # each line complete: a crash loses at most this chunk
+                with open(cache, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in new))
+            rows.update(((x["source_index"], x["sample"]), x) for x in new)
+    return [{"src": row["src"], "mt": row["mt"], "ref": row["ref"], "sample": k, "token_ids": row["token_ids"]}
+            for i, _, _, k in expanded for row in [rows[(i, k)]]]
+
+
+def _read_sample_cache(path: Path, settings: dict[str, Any], pairs: Sequence[tuple[str, str]]
+                       ) -> dict[tuple[int, int], dict[str, Any]]:
+    """Rows of a sampling cache by (source index, sample index), the last line of a key winning; {} when absent.
+
+    A cache written with other settings, or for other sources, is an error: reusing it would mix samples."""
+    lines = _log_lines(path)
+    if not lines:
+        return {}
+    head = lines[0].get("settings")
+    if not isinstance(head, dict):
+        raise MtrlError(f"{path}: not a sampling cache (no settings line); delete it to sample again")
+    changed = [k for k in settings if head.get(k) != settings[k]]
+    if changed:
+        was = ", ".join(f"{k} {head.get(k)!r} (now {settings[k]!r})" for k in changed)
+        raise MtrlError(f"{path} holds samples taken with other settings: {was}; rerun with those settings, "
+                        "or delete it to sample again")
+    out = {}
+    for n, row in enumerate(lines[1:], 2):
+        if not (all(isinstance(row.get(f), int) for f in ("source_index", "sample", "chunk", "chunk_rows"))
+                and isinstance(row.get("mt"), str) and isinstance(row.get("token_ids"), list)):
+            raise MtrlError(f"{path}: line {n} is not a sampled row; delete the file to sample again")
+        i = row["source_index"]
+        if i >= len(pairs):
+            continue  # a source beyond this run's --max-sources: not needed now
+        if (row.get("src"), row.get("ref")) != tuple(pairs[i]):
+            raise MtrlError(f"{path}: line {n} was sampled from another source than source {i + 1} of the data "
+                            "(the data changed?); delete the file to sample again")
+        out[(i, row["sample"])] = row
+    return out
+
+
+def _log_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of an append-only log (``read_log``), with the file made ready for appending:
+    a half-written last line is cut off, so that the next append starts on a line of its own. [] when absent."""
+    if not path.exists():
+        return []
+    rows = read_log(path)
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            try:
+                json.loads(data[cut:])  # a complete last line without its line end (read_log kept it): end it
+                f.seek(len(data))
+                f.write(b"\n")
+            except ValueError:  # half-written (read_log dropped it): cut it off
+                f.truncate(cut)
     return rows
 
 
@@ -117,10 +209,9 @@ def label(rows: list[dict[str, Any]], output: str | Path, rewarder: Rewarder, *,
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     done: dict[Key, dict[str, Any]] = {}
-    for path in (output, partial):
-        if path.exists():
-            for r in read_jsonl(path):
-                done.setdefault(_key(r), r)
+    finished = read_jsonl(output) if output.exists() else []
+    for r in finished + _log_lines(partial):  # .partial: a crash may have cut its last line
+        done.setdefault(_key(r), r)
     reused = sum(1 for r in rows if _key(r) in done)
     rejected, todo, seen = [], [], set(done)
     duplicates = 0
@@ -190,9 +281,9 @@ class OfflineConfig:
     """The ``offline:`` section of a recipe: a labelled dataset, or one sampled from the policy and labelled."""
 
     data: str | None = None  # JSONL from `mtrl label` (token_ids, token_rewards); null: sample + label here
-    num_sources: int = 500  # sources taken from data.train to sample from
-    samples_per_source: int = 4
-    temperature: float = 1.0  # sampling temperature (Q-SFT then reads every model at it)
+    num_sources: Annotated[int, Range(ge=1)] = 500  # sources taken from data.train to sample from
+    samples_per_source: Annotated[int, Range(ge=1)] = 4
+    temperature: Annotated[float, Range(gt=0)] = 1.0  # sampling temperature (Q-SFT then reads every model at it)
 
 
 def offline_rows(cfg: OfflineConfig, model_path: str, train_pairs: Sequence[tuple[str, str]], rewarder: Rewarder,

@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,16 @@ from torch import nn
 
 from mtrl.errors import MtrlError
 from mtrl.sampling import sampling_kwargs
+from mtrl.schema import Range
 
 TINY_MARIAN = "mtrl:tiny-marian"  # policy.model name of the shipped warm start (mtrl/data/tiny-marian)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: Annotated[int, Range(ge=1)] = 8
+    alpha: Annotated[int, Range(ge=1)] = 16
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.05
     target_modules: list[str] | str = "all-linear"
 
 
@@ -53,7 +55,7 @@ class PolicyConfig:
     source_prefix: str = ""
     src_lang_code: str | None = None
     tgt_lang_code: str | None = None
-    max_source_tokens: int = 256
+    max_source_tokens: Annotated[int, Range(ge=1)] = 256
     lora: LoraConfig | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
@@ -64,12 +66,12 @@ class PolicyConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eval_num_beams: int = 1
-    eval_batch_size: int = 64
+    max_new_tokens: Annotated[int, Range(ge=1)] = 64
+    temperature: Annotated[float, Range(gt=0)] = 1.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Range(ge=0)] = 0  # 0: off
+    eval_num_beams: Annotated[int, Range(ge=1)] = 1
+    eval_batch_size: Annotated[int, Range(ge=1)] = 64
     # rollout log-probs/values: from the sampling pass ("generate": no extra forward, keeps B x T x V logits
     # while sampling) or from a teacher-forced pass ("forward": less memory for very large vocabularies)
     rollout_logprobs: Literal["generate", "forward"] = "generate"
@@ -86,6 +88,17 @@ def detect_kind(config: Any) -> str:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
+def first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of a library's error message, whole; longer than ``limit``: cut at a word, with "…"."""
+    lines = text.strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    sentence = re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0]
+    if len(sentence) <= limit:
+        return sentence
+    cut = sentence[:limit].rsplit(None, 1)[0] if " " in sentence[:limit] else sentence[:limit]
+    return cut.rstrip(",;:") + "…"
+
+
 def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | None = None,
                              dtype: str = "float32") -> tuple[Any, Any, str]:
     """Load a hub id or local directory; one clear error when it cannot be had offline."""
@@ -100,7 +113,7 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
         model = cls.from_pretrained(name, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(tokenizer or name)
     except OSError as e:
-        raise MtrlError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]} "
+        raise MtrlError(f"cannot load model {name!r}: {first_sentence(str(e))} "
                         "(offline? give a local directory saved with save_pretrained)") from None
     if kind == "causal":  # padded batches: an attention mask without transformers' per-step vmap
         from mtrl.attention import use_broadcast_masks

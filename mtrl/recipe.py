@@ -6,8 +6,10 @@ them (``policy``/``generation``: :mod:`mtrl.policy`; ``detector``:
 algorithm's own config in :mod:`mtrl.algorithms`; ``offline``: :mod:`mtrl.label`).
 Loading checks every key and value and names the bad key with the closest valid
 one or the allowed values; a key the chosen algorithm does not use is an error
-that names the algorithm. ``key.sub=value`` overrides (from the command line) are applied
-before validation. The resolved recipe is saved in the run directory.
+that names the algorithm. Every numeric key declares its range next to it
+(``Annotated[int, Range(ge=1)]``, see :mod:`mtrl.schema`), checked here on load.
+``key.sub=value`` overrides (from the command line) are applied before validation.
+The resolved recipe is saved in the run directory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -29,6 +31,7 @@ from mtrl.errors import MtrlError
 from mtrl.label import OfflineConfig
 from mtrl.policy import GenerationConfig, PolicyConfig
 from mtrl.rewards import RewardConfig
+from mtrl.schema import FINITE, Range
 
 
 @dataclass
@@ -47,26 +50,26 @@ class DataConfig:
     tgt_lang: str = "German"
     source_field: str = "src"
     reference_field: str = "ref"
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    max_train_examples: Annotated[int, Range(ge=1)] | None = None  # null: all
+    max_eval_examples: Annotated[int, Range(ge=1)] | None = None  # null: all
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    log_every: int = 1
-    save_every: int = 50
-    eval_every: int = 0  # 0: evaluate only before and after
+    steps: Annotated[int, Range(ge=1)] = 100
+    log_every: Annotated[int, Range(ge=1)] = 1
+    save_every: Annotated[int, Range(ge=1)] = 50
+    eval_every: Annotated[int, Range(ge=0)] = 0  # 0: evaluate only before and after
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = False  # force CPU even when a GPU is there
-    threads: int | None = None  # torch CPU threads
+    threads: Annotated[int, Range(ge=1)] | None = None  # torch CPU threads; null: torch's default
 
 
 @dataclass
 class Recipe:
     run_dir: str = "runs/mtrl"
-    seed: int = 0
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     warm_start: WarmStartSection = field(default_factory=WarmStartSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +87,8 @@ class Recipe:
 # --------------------------------------------------------------------------- validation
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -93,13 +98,18 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+def _convert(value: Any, tp: Any, where: str, rng: Range = FINITE, nullable: bool = False) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses. A number must lie in ``rng``
+    (its declared :class:`Range`, or any finite number); ``nullable``: null is allowed too (for the message)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:  # a number and its declared range
+        base, *meta = typing.get_args(tp)
+        declared = [m for m in meta if isinstance(m, Range)]
+        return _convert(value, base, where, declared[0] if declared else rng, nullable)
     if origin in (typing.Union, types.UnionType):
         others = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is not None and len(others) == 1:  # X | None: X's own message says what is wrong
-            return _convert(value, others[0], where)
+            return _convert(value, others[0], where, nullable=True)
         for arg in typing.get_args(tp):
             try:
                 return _convert(value, arg, where)
@@ -136,22 +146,33 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return {k: _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float) and isinstance(value, bool):
-        raise MtrlError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp in (int, float):
+        number = _number(value, tp, where)
+        if number not in rng:
+            shown = number if isinstance(value, str) else value  # as written; 'nan' read as a string shows nan
+            raise MtrlError(f"{where}: must be {rng}{' or null' if nullable else ''}, got {shown!r}")
+        return number
     if isinstance(value, tp):
         return value
     raise MtrlError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _number(value: Any, tp: type, where: str) -> int | float:
+    """``value`` as an int or a float (an int is a float too; YAML 1.1 reads 2e-5, no dot, as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (tp is int and not isinstance(value, int)):
+        raise MtrlError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is int:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise MtrlError(f"{where}: expected float, got {value!r}") from None
+    except OverflowError:  # an int too large for a float
+        raise MtrlError(f"{where}: must be a finite number, got {value!r}") from None
+
+
 def _build(cls: Any, data: dict[str, Any], where: str, owner: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with the declared ranges
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -185,19 +206,9 @@ def _algorithm(value: Any, where: str) -> AlgorithmConfig:
 
 def _check_semantics(r: Recipe) -> None:
     a = r.algorithm
-    checks = [
-        (getattr(a, "batch_size", 1) >= 1, "algorithm.batch_size must be >= 1"),
-        (getattr(a, "minibatch_size", 1) >= 1, "algorithm.minibatch_size must be >= 1"),
-        (a.name not in ("rloo", "grpo") or a.samples_per_prompt >= 2,
-         f"algorithm.samples_per_prompt must be >= 2 for {a.name}"),
-        (0 <= getattr(a, "lam", 0) <= 1 and 0 <= getattr(a, "gamma", 0) <= 1,
-         "algorithm.gamma and algorithm.lam must be in [0, 1]"),
-        (a.lr > 0, "algorithm.lr must be > 0"),
+    checks = [  # what one key's declared range cannot say (each number's range is checked on load)
+        (a.name != "rloo" or a.samples_per_prompt >= 2, "algorithm.samples_per_prompt must be >= 2 for rloo"),
         (a.name != "qsft" or r.reward.mode in ("token", "sentence"), "reward.mode must be 'token' or 'sentence' for qsft"),
-        (r.train.steps >= 1, "train.steps must be >= 1"),
-        (r.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
-        (r.generation.temperature > 0, "generation.temperature must be > 0"),
-        (0 < r.generation.top_p <= 1, "generation.top_p must be in (0, 1]"),
         (bool(r.policy.model), "policy.model is required (a hub id, a local path, 'mtrl:tiny-marian' or 'warmstart')"),
         (r.policy.model != "warmstart" or r.warm_start.enabled,
          "policy.model is 'warmstart' but warm_start.enabled is false"),
@@ -245,10 +256,24 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise MtrlError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise yaml_error(path, e) from None
+    except UnicodeDecodeError as e:
+        raise MtrlError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if data is not None and not isinstance(data, dict):
         raise MtrlError(f"{path}: a recipe must be a mapping of sections")
     return recipe_from_dict(data or {}, overrides)
+
+
+def yaml_error(path: str | Path, e: yaml.YAMLError) -> MtrlError:
+    """One line for a YAML syntax error: the file, the line and column, what is wrong there."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return MtrlError(f"{path}: invalid YAML ({str(e).splitlines()[0]})")
+    text = f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    return MtrlError(" ".join(text.split()))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -8,6 +8,8 @@ Conventions. "Row" means one logged training step (``train.log_every`` may skip 
 ``step`` column, windows count rows). The *initial* and *final* value of a column are the means of its
 first and last ``k`` rows, ``k = max(1, min(EDGE_ROWS, rows // 5))``, so short runs use at most a fifth
 of their rows at each end. When a step was logged twice (a resumed or appended log), the last line wins.
+A half-written last line (a run killed while writing it) is dropped with a warning; a bad line anywhere
+else is an error naming the file and line.
 ``reward_mean`` is the task reward per sequence, without the KL penalty (``total_reward_mean`` has it).
 
 Indicators (``stability_report``) and the thresholds behind each flag (module constants below):
@@ -59,7 +61,7 @@ import numpy as np
 import pandas as pd
 
 from mtrl.errors import MtrlError
-from mtrl.io import numbered_jsonl
+from mtrl.io import read_log
 
 # --------------------------------------------------------------------------- thresholds
 EDGE_ROWS = 10  # rows averaged for "initial" / "final" values (at most a fifth of the run)
@@ -97,11 +99,20 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _numbered_log(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of ``metrics.jsonl`` read as an append-only log: a half-written last line (a run
+    killed mid-write) is dropped with a warning by :func:`mtrl.io.read_log`; the numbers name lines in errors."""
+    rows = read_log(path)
+    text = path.read_bytes().decode("utf-8", "replace").removeprefix("\ufeff")
+    numbers = [i for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    return list(zip(numbers, rows))
+
+
 def _parse(run_dir: str | Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
     """Step lines and eval lines of ``metrics.jsonl``, validated; errors name the file and line."""
     path = _metrics_path(run_dir)
     steps, evals = [], []
-    for i, obj in numbered_jsonl(path):
+    for i, obj in _numbered_log(path):
         step = obj.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool)):
             raise MtrlError(f"{path}: line {i} has no integer 'step' (got {step!r})")

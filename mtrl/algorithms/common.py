@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
+from mtrl.schema import Range
 from mtrl.spans import SEVERITIES
 
 
@@ -20,21 +21,21 @@ from mtrl.spans import SEVERITIES
 class OnPolicyConfig:
     """Keys every on-policy algorithm reads (``algorithm:`` section); PPO adds its own."""
 
-    lr: float = 1e-5
+    lr: Annotated[float, Range(gt=0)] = 1e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 32  # sources per step, per process
-    samples_per_prompt: int = 1  # rloo needs >= 2
-    minibatch_size: int = 16
-    ent_coef: float = 0.0
-    gamma: float = 1.0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
+    batch_size: Annotated[int, Range(ge=1)] = 32  # sources per step, per process
+    samples_per_prompt: Annotated[int, Range(ge=1)] = 1  # rloo needs >= 2
+    minibatch_size: Annotated[int, Range(ge=1)] = 16
+    ent_coef: Annotated[float, Range(ge=0)] = 0.0
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    kl_coef: float = 0.05
+    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
+    kl_coef: Annotated[float, Range(ge=0)] = 0.05
     kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_target: float | None = None  # adaptive KL controller (Ziegler et al. 2019) when set
-    kl_horizon: int = 10000
-    weight_decay: float = 0.0
+    kl_target: Annotated[float, Range(gt=0)] | None = None  # adaptive KL controller (Ziegler et al. 2019) when set
+    kl_horizon: Annotated[int, Range(ge=1)] = 10000
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

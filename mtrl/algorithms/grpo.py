@@ -12,7 +12,7 @@ TRL's per-step logs are appended to the run's ``metrics.jsonl`` (``reward`` -> `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -20,16 +20,17 @@ from mtrl.algorithms.common import RunContext
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, Policy
 from mtrl.rewards import Rewarder
+from mtrl.schema import Range
 
 
 @dataclass
 class GRPOConfig:
     name: Literal["grpo"] = "grpo"
-    lr: float = 1e-5
-    batch_size: int = 8  # prompts per step (each with samples_per_prompt completions)
-    samples_per_prompt: int = 4
-    kl_coef: float = 0.05  # TRL's beta
-    max_grad_norm: float = 1.0
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    batch_size: Annotated[int, Range(ge=1)] = 8  # prompts per step (each with samples_per_prompt completions)
+    samples_per_prompt: Annotated[int, Range(ge=2)] = 4  # a group to compare
+    kl_coef: Annotated[float, Range(ge=0)] = 0.05  # TRL's beta
+    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
 
 
 class GRPO:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -40,6 +40,7 @@ from mtrl.algorithms.common import (
 from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
 from mtrl.rewards import Rewarder
 from mtrl.rollout import Rollout, collect_rollout
+from mtrl.schema import Range
 
 __all__ = ["PPO", "PPOConfig", "AdaptiveKLController", "gae", "kl_penalty", "masked_whiten", "policy_loss",
            "value_loss"]
@@ -48,12 +49,12 @@ __all__ = ["PPO", "PPOConfig", "AdaptiveKLController", "gae", "kl_penalty", "mas
 @dataclass
 class PPOConfig(OnPolicyConfig):
     name: Literal["ppo"] = "ppo"
-    value_lr: float | None = 1e-3  # the value head's own learning rate (a fresh linear head); null: same as lr
-    epochs: int = 2  # passes over each batch of rollouts
-    clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.5
-    lam: float = 0.95
+    value_lr: Annotated[float, Range(gt=0)] | None = 1e-3  # the value head's own lr (a fresh linear head); null: lr
+    epochs: Annotated[int, Range(ge=1)] = 2  # passes over each batch of rollouts
+    clip_range: Annotated[float, Range(gt=0)] = 0.2
+    value_clip_range: Annotated[float, Range(gt=0)] = 0.2
+    vf_coef: Annotated[float, Range(ge=0)] = 0.5
+    lam: Annotated[float, Range(ge=0, le=1)] = 0.95
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

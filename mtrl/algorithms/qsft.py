@@ -68,7 +68,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,29 +78,31 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, PolicyConfig
+from mtrl.schema import Range
 
 
 @dataclass
 class QSFTConfig:
     name: Literal["qsft"] = "qsft"
-    gamma: float = 1.0  # discount across tokens
-    tau: float = 0.05  # Polyak rate of the target copy (0.005 in the reimplementation; larger for short runs)
-    beta: float = 1.0  # extraction: log π_β + β log p_θ
-    lr: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    sft_steps: int = 0  # SFT steps of π_β on the data (0: π_β is the initial model)
-    sft_lr: float | None = None  # defaults to lr
-    support_topk: int | None = 5  # max of the ratio over π_β's top-k actions; None: whole vocabulary
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0  # discount across tokens
+    # Polyak rate of the target copy (0.005 in the reimplementation; larger for short runs)
+    tau: Annotated[float, Range(ge=0, le=1)] = 0.05
+    beta: Annotated[float, Range(ge=0)] = 1.0  # extraction: log π_β + β log p_θ
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    epochs: Annotated[float, Range(gt=0)] = 1.0
+    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
+    batch_size: Annotated[int, Range(ge=1)] = 8
+    grad_accum: Annotated[int, Range(ge=1)] = 1
+    sft_steps: Annotated[int, Range(ge=0)] = 0  # SFT steps of π_β on the data (0: π_β is the initial model)
+    sft_lr: Annotated[float, Range(gt=0)] | None = None  # defaults to lr
+    support_topk: Annotated[int, Range(ge=1)] | None = 5  # max of the ratio over π_β's top-k actions; None: all
     reward_level: Literal["token", "sentence"] = "token"
     # the returns (sum of a row's token rewards; its score at sentence level) that map to 0 and 1; None: the
     # dataset's lowest and highest return
     return_range: tuple[float, float] | None = None
-    temperature: float = 1.0  # the rows' sampling temperature: every model is read as softmax(logits / T)
+    temperature: Annotated[float, Range(gt=0)] = 1.0  # the rows' sampling temperature: models read softmax(logits / T)
     target: Literal["bellman", "monte_carlo"] = "bellman"
-    logging_steps: int = 10
+    logging_steps: Annotated[int, Range(ge=1)] = 10
 
     def __post_init__(self) -> None:
         if self.reward_level not in ("token", "sentence"):

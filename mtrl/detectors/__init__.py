@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
 from mtrl.errors import MtrlError
+from mtrl.schema import Range
 
 DetectorName = Literal["reference", "xcomet", "gold", "bleu", "chrf"]  # bleu/chrf: a score, no spans
 DETECTORS: tuple[str, ...] = typing.get_args(DetectorName)
@@ -24,7 +25,7 @@ class DetectorConfig:
 
     name: DetectorName = "reference"
     model: str | None = None  # xcomet: hub id or local checkpoint (default Unbabel/XCOMET-XL)
-    batch_size: int = 16
+    batch_size: Annotated[int, Range(ge=1)] = 16
     use_reference: bool = False  # xcomet: QE (source + hypothesis) like Ramos et al., or with the reference
     path: str | None = None  # gold: annotated rows
     options: dict[str, Any] = field(default_factory=dict)  # more constructor options, e.g. reference: omission_weight

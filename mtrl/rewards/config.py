@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from mtrl.errors import MtrlError
+from mtrl.schema import Range
 from mtrl.spans import SeverityMap, get_severity_map
 
 RewardMode = Literal["token", "sentence", "hybrid", "r3hf"]
@@ -35,9 +36,9 @@ class RewardConfig:
     mode: RewardMode = "token"
     severity_map: str | dict[str, Any] = "xcomet"
     token_rewards: TokenRewardMode = "max"
-    no_error: float = 0.0
-    hybrid_weight: float = 1.0
-    scale: float = 1.0
+    no_error: Annotated[float, Range()] = 0.0
+    hybrid_weight: Annotated[float, Range(ge=0)] = 1.0
+    scale: Annotated[float, Range(gt=0)] = 1.0
     scorer: ScorerName = "detector"  # r3hf: scored on every prefix; hybrid: the sentence score added
     scorer_model: str | None = None  # scorer comet: hub id or local checkpoint
     r3hf_level: R3HFLevel = "token"  # prefixes at every token, or only at word ends (cheaper)
