@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, exit_status
 
 SEVERITY_COLORS = {"minor": "33", "major": "31", "critical": "1;35"}
 
@@ -516,13 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
-    except MtrlError as e:
-        print(f"mtrl: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mtrl: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(args.func, args)
     except BrokenPipeError:
         return 0
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
 from mtrl.datasets import load_parallel
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, exit_status
 
 logger = logging.getLogger(__name__)
 
@@ -466,21 +466,18 @@ def build(cfg: WarmStartConfig, out_dir: Path, command: str, progress: bool = Tr
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise MtrlError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        command = shlex.join(["python", "-m", "mtrl.warmstart", *argv])
-        settings = build(cfg, args.output, command, progress=not args.quiet)
-    except MtrlError as e:
-        print(f"mtrl: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mtrl: interrupted", file=sys.stderr)
-        return 130
-    stats = settings["stats"]
+    return exit_status(build_from_args, args, argv)
+
+
+def build_from_args(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command: train with the flags' settings and write ``--output``."""
+    cfg = config_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MtrlError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "-m", "mtrl.warmstart", *argv])
+    stats = build(cfg, args.output, command, progress=not args.quiet)["stats"]
     print(f"mtrl: wrote {args.output} ({stats['parameters']:,} parameters, {stats['steps']} steps, "
           f"final loss {stats['final_loss']}, {stats['seconds']} s)", file=sys.stderr)
     return 0
