@@ -164,7 +164,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                                  use_reference=True)
         tok_name = args.tokenizer
     tokenizer = load_tokenizer(tok_name) if tok_name else None
-    needs_detector = gold is None and not (reward.mode == "r3hf" and reward.scorer != "detector")
+    needs_detector = gold is None and reward.uses_detector
     detector = det_cfg.build() if needs_detector else None
     rewarder = Rewarder(reward, detector, tokenizer, use_reference=det_cfg.use_reference)
     refs = [r["ref"] for r in rows]

@@ -41,13 +41,10 @@ def score_translations(sources: Sequence[str], hyps: Sequence[str], refs: Sequen
 
     ``detect``: (sources, hypotheses, references) -> detections, e.g. a rewarder's cached ``detect``.
     """
-    from mtrl.spans import SEVERITIES
-
     result: dict[str, Any] = corpus_metrics(hyps, refs)
-    dets = detect(list(sources), list(hyps), list(refs))
-    result["detector_score"] = float(sum(d.score for d in dets) / len(dets))
-    for sev in SEVERITIES:
-        result[f"spans_{sev}_per_segment"] = float(sum(sum(s.severity == sev for s in d.spans) for d in dets) / len(dets))
+    score, per_segment = detection_means(detect(list(sources), list(hyps), list(refs)))
+    result["detector_score"] = score
+    result.update({f"spans_{sev}_per_segment": v for sev, v in per_segment.items()})
     result["examples"] = [{"src": s, "hyp": h, "ref": r} for s, h, r in list(zip(sources, hyps, refs))[:3]]
     return result
 
@@ -126,15 +123,20 @@ def comet_scores(model: str | None, sources: Sequence[str] | None, hyps: Sequenc
 def detector_summary(detector: Any, sources: Sequence[str] | None, hyps: Sequence[str],
                      refs: Sequence[str] | None) -> dict[str, Any]:
     """Mean detector score and error spans per segment by severity."""
-    from mtrl.spans import SEVERITIES
-
     if detector.needs_reference and refs is None:
         return {"skipped": f"the {detector.name} detector needs references"}
     dets = detector.detect(list(sources or [""] * len(hyps)), list(hyps), None if refs is None else list(refs))
-    out: dict[str, Any] = {"score": sum(d.score for d in dets) / len(dets), "detector": detector.name}
-    for sev in SEVERITIES:
-        out[f"{sev}_per_segment"] = sum(sum(s.severity == sev for s in d.spans) for d in dets) / len(dets)
-    return out
+    score, per_segment = detection_means(dets)
+    return {"score": score, "detector": detector.name, **{f"{sev}_per_segment": v for sev, v in per_segment.items()}}
+
+
+def detection_means(detections: Sequence[Any]) -> tuple[float, dict[str, float]]:
+    """The mean sentence score of detections, and their error spans per segment by severity."""
+    from mtrl.spans import SEVERITIES
+
+    n = len(detections)
+    counts = {sev: sum(sum(s.severity == sev for s in d.spans) for d in detections) / n for sev in SEVERITIES}
+    return float(sum(d.score for d in detections) / n), {sev: float(v) for sev, v in counts.items()}
 
 
 def evaluate_systems(systems: Mapping[str, Sequence[str]], references: Sequence[Sequence[str]],

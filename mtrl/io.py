@@ -61,23 +61,40 @@ def numbered_jsonl(path: str | Path, lines: list[str] | None = None) -> list[tup
     return rows
 
 
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """Objects of an append-only JSON-lines log (``metrics.jsonl``, a labelling ``.partial``).
+def read_log(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Objects of an append-only JSON-lines log (``metrics.jsonl``, a labelling ``.partial``)."""
+    return [obj for _, obj in numbered_log(path, repair)]
+
+
+def numbered_log(path: str | Path, repair: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of an append-only JSON-lines log.
 
     A crash can leave the last line half-written: that line is dropped with a warning on stderr and
     everything before it is read. A bad line anywhere else is still an error naming the line.
+    ``repair``: also make the file ready for appending again (cut the half-written line off, or end a
+    complete last line that lacks its line end), so the next append starts on a line of its own.
     """
     data = _read_bytes(path)
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
         try:
             json.loads(data[cut:].decode("utf-8"))
+            complete = True
         except (UnicodeDecodeError, json.JSONDecodeError):
+            complete = False
             n = data.count(b"\n") + 1
             print(f"mtrl: warning: {path}: line {n} is incomplete (an interrupted write?); reading the "
                   f"{n - 1} lines before it", file=sys.stderr)
+        if repair:
+            with open(path, "r+b") as f:
+                if complete:
+                    f.seek(len(data))
+                    f.write(b"\n")
+                else:
+                    f.truncate(cut)
+        if not complete:
             data = data[:cut]
-    return [obj for _, obj in numbered_jsonl(path, _decode_lines(data, path))]
+    return numbered_jsonl(path, _decode_lines(data, path))
 
 
 def _read_bytes(path: str | Path) -> bytes:

@@ -168,22 +168,8 @@ def _read_sample_cache(path: Path, settings: dict[str, Any], pairs: Sequence[tup
 
 
 def _log_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of an append-only log (``read_log``), with the file made ready for appending:
-    a half-written last line is cut off, so that the next append starts on a line of its own. [] when absent."""
-    if not path.exists():
-        return []
-    rows = read_log(path)
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            try:
-                json.loads(data[cut:])  # a complete last line without its line end (read_log kept it): end it
-                f.seek(len(data))
-                f.write(b"\n")
-            except ValueError:  # half-written (read_log dropped it): cut it off
-                f.truncate(cut)
-    return rows
+    """The complete lines of an append-only log, the file made ready for appending; [] when absent."""
+    return read_log(path, repair=True) if path.exists() else []
 
 
 def check_row(row: dict[str, Any], needs_reference: bool, tokenizer: Any, max_tokens: int) -> str | None:
@@ -192,8 +178,8 @@ def check_row(row: dict[str, Any], needs_reference: bool, tokenizer: Any, max_to
         return "empty hypothesis"
     if needs_reference and not (row.get("ref") or "").strip():
         return "missing reference"
-    if tokenizer is not None:
-        n = len(tokenizer(text_target=row["mt"])["input_ids"])
+    if tokenizer is not None:  # sampled rows know their tokens; others are encoded once more here
+        n = len(row["token_ids"]) if "token_ids" in row else len(tokenizer(text_target=row["mt"])["input_ids"])
         if n > max_tokens:
             return f"over-length: {n} tokens > {max_tokens}"
     elif len(row["mt"]) > 8 * max_tokens:

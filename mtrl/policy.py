@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, one_line
 from mtrl.sampling import sampling_kwargs
 from mtrl.schema import Range
 
@@ -88,17 +87,6 @@ def detect_kind(config: Any) -> str:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
-def first_sentence(text: str, limit: int = 200) -> str:
-    """The first sentence of a library's error message, whole; longer than ``limit``: cut at a word, with "…"."""
-    lines = text.strip().splitlines()
-    line = lines[0].strip() if lines else ""
-    sentence = re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0]
-    if len(sentence) <= limit:
-        return sentence
-    cut = sentence[:limit].rsplit(None, 1)[0] if " " in sentence[:limit] else sentence[:limit]
-    return cut.rstrip(",;:") + "…"
-
-
 def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | None = None,
                              dtype: str = "float32") -> tuple[Any, Any, str]:
     """Load a hub id or local directory; one clear error when it cannot be had offline."""
@@ -113,7 +101,7 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
         model = cls.from_pretrained(name, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(tokenizer or name)
     except OSError as e:
-        raise MtrlError(f"cannot load model {name!r}: {first_sentence(str(e))} "
+        raise MtrlError(f"cannot load model {name!r}: {one_line(e)} "
                         "(offline? give a local directory saved with save_pretrained)") from None
     if kind == "causal":  # padded batches: an attention mask without transformers' per-step vmap
         from mtrl.attention import use_broadcast_masks

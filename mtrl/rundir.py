@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import yaml
 
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, one_line
 from mtrl.io import atomic_open, read_log
 from mtrl.recipe import Recipe, dump_recipe, recipe_from_dict
 
@@ -70,13 +70,6 @@ PREVIOUS = ".previous-run"  # the outputs an --overwrite is replacing, until the
 # (train.steps: the length of a non-constant LR schedule).
 RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.log_every", "train.eval_every",
                                "train.report_to", "train.threads"})
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's first line, and of a long one its first sentence (torch appends paragraphs)."""
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return text.split(". ")[0] if len(text) > 160 else text
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -294,11 +287,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise MtrlError("train.report_to has 'wandb' but wandb is not installed (pip install wandb)") from None
+        if "wandb" in report_to:  # installed: check_report_to made sure before the run started
+            import wandb
+
             self.wandb = wandb.init(project="mtrl", dir=str(run_dir), config=recipe.to_dict(), resume="allow")
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mtrl.algorithms import RunContext, build_algorithm
 from mtrl.datasets import batch_indices, load_pairs
+from mtrl.errors import one_line
 from mtrl.evaluate import score_translations, translate
 from mtrl.io import write_json
 from mtrl.policy import build_policy, resolve_model
@@ -44,7 +45,6 @@ from mtrl.rundir import (
     check_report_to,
     check_run_dir,
     kept_metrics,
-    one_line,
     read_checkpoint,
     resume_changes,
     rng_state,

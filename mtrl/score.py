@@ -93,7 +93,7 @@ def score(
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
         det = None  # given spans, or an R3HF scorer of its own, need no detector
-        if gold_spans is None and not (cfg.mode == "r3hf" and cfg.scorer != "detector"):
+        if gold_spans is None and cfg.uses_detector:
             det = load_detector(detector, **(detector_options or {})) if isinstance(detector, str) else detector
         rewarder = Rewarder(cfg, det, tokenizer)
     out: list[ScoredSegment] = []

@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 
 from mtrl.errors import MtrlError
-from mtrl.io import read_log
+from mtrl.io import numbered_log
 
 # --------------------------------------------------------------------------- thresholds
 EDGE_ROWS = 10  # rows averaged for "initial" / "final" values (at most a fifth of the run)
@@ -99,20 +99,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _numbered_log(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of ``metrics.jsonl`` read as an append-only log: a half-written last line (a run
-    killed mid-write) is dropped with a warning by :func:`mtrl.io.read_log`; the numbers name lines in errors."""
-    rows = read_log(path)
-    text = path.read_bytes().decode("utf-8", "replace").removeprefix("\ufeff")
-    numbers = [i for i, line in enumerate(text.split("\n"), 1) if line.strip()]
-    return list(zip(numbers, rows))
-
-
 def _parse(run_dir: str | Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
     """Step lines and eval lines of ``metrics.jsonl``, validated; errors name the file and line."""
     path = _metrics_path(run_dir)
     steps, evals = [], []
-    for i, obj in _numbered_log(path):
+    for i, obj in numbered_log(path):
         step = obj.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool)):
             raise MtrlError(f"{path}: line {i} has no integer 'step' (got {step!r})")

@@ -16,7 +16,7 @@ import mtrl.label
 import mtrl.policy
 import mtrl.score
 from mtrl.cli import main
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, one_line
 from mtrl.label import chunk_seed, label, sample_rows
 from tests.test_label import TSV, read, rewarder
 from tests.test_stability import rows as metric_rows
@@ -295,6 +295,6 @@ def test_missing_model_message_keeps_whole_words(monkeypatch):
     msg = str(e.value)
     assert "Can't load the configuration of '/models/x'. (offline?" in msg and "make su" not in msg
     long = "word " * 60 + "end."
-    cut = mtrl.policy.first_sentence(long)
+    cut = one_line(long)
     assert cut.endswith("word…") and len(cut) <= 201
-    assert mtrl.policy.first_sentence("One. Two.") == "One."
+    assert one_line("One. Two.") == "One."

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, one_line
 from mtrl.spans import ErrorSpan, sanitize_spans
 
 DEFAULT_MODEL = DEFAULT_XCOMET
@@ -55,11 +55,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def spans_from_comet(hyp: str, error_spans: Sequence[Mapping[str, Any]],
@@ -162,7 +157,7 @@ def resolve_checkpoint(model: str) -> Path:
         return Path(download_model(model))
     except Exception as e:
         raise MtrlError(f"xcomet: model {model!r} could not be loaded offline or downloaded "
-                        f"({_one_line(e)}); {hint}") from None
+                        f"({one_line(e, 300)}); {hint}") from None
 
 
 class XCometDetector(Detector):
@@ -191,7 +186,7 @@ class XCometDetector(Detector):
                 except MtrlError:
                     raise
                 except Exception as e:
-                    raise MtrlError(f"xcomet: could not load {ckpt}: {_one_line(e)}") from None
+                    raise MtrlError(f"xcomet: could not load {ckpt}: {one_line(e, 300)}") from None
             if self.gpus is None:
                 import torch
 

@@ -71,6 +71,11 @@ class RewardConfig:
                                        (self.scorer != "detector" or self.hybrid_sentence == "r3hf"))
 
     @property
+    def uses_detector(self) -> bool:
+        """Whether a detector is needed: everything but R3HF of another scorer's score (chrF, BLEU, COMET)."""
+        return not (self.mode == "r3hf" and self.scorer != "detector")
+
+    @property
     def redistributes(self) -> bool:
         """Whether a sentence score is spread over the tokens by R3HF."""
         return self.mode == "r3hf" or (self.mode == "hybrid" and self.hybrid_sentence == "r3hf")
