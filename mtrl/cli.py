@@ -352,7 +352,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise MtrlError("--resume and --overwrite exclude each other")
     results = run(recipe, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
-    print_summary(results, recipe.run_dir)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under torchrun / accelerate launch: one table
+        print_summary(results, recipe.run_dir)
     return 0
 
 

@@ -6,12 +6,27 @@ same as the ``sacrebleu`` command line gives for the same detokenized text.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mtrl.detectors import DetectorConfig
 from mtrl.errors import MtrlError
+
+
+@dataclass
+class EvaluationConfig:
+    """The ``evaluation:`` section of a recipe: how the before/after evaluation scores translations.
+
+    By default the run's own detector scores them. ``mtrl bench`` sets one fixed ``detector`` (and
+    ``comet``) for every cell, so that schemes trained on different rewards are compared on one scale.
+    """
+
+    detector: DetectorConfig | None = None  # null: the training detector
+    comet: str | None = None  # a COMET checkpoint (hub id or local path) to add a COMET score; null: none
 
 
 @torch.no_grad()
@@ -111,13 +126,18 @@ def comet_scores(model: str | None, sources: Sequence[str] | None, hyps: Sequenc
     if sources is None:
         return {"skipped": "COMET needs the sources (--src)"}
     try:
-        from mtrl.rewards.scorers import CometScorer
-
-        scorer = CometScorer(model, batch_size)
-        scores = scorer.score(sources, hyps, refs)
+        scores = _comet_scorer(model, batch_size).score(sources, hyps, refs)
     except MtrlError as e:
         return {"skipped": str(e)}
     return {"score": float(sum(scores) / len(scores)), "model": model}
+
+
+@functools.lru_cache(maxsize=1)
+def _comet_scorer(model: str, batch_size: int) -> Any:
+    """One COMET model per process: a run scores before and after training with the same one."""
+    from mtrl.rewards.scorers import CometScorer
+
+    return CometScorer(model, batch_size)
 
 
 def detector_summary(detector: Any, sources: Sequence[str] | None, hyps: Sequence[str],

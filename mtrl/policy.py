@@ -71,9 +71,6 @@ class GenerationConfig:
     top_k: Annotated[int, Range(ge=0)] = 0  # 0: off
     eval_num_beams: Annotated[int, Range(ge=1)] = 1
     eval_batch_size: Annotated[int, Range(ge=1)] = 64
-    # rollout log-probs/values: from the sampling pass ("generate": no extra forward, keeps B x T x V logits
-    # while sampling) or from a teacher-forced pass ("forward": less memory for very large vocabularies)
-    rollout_logprobs: Literal["generate", "forward"] = "generate"
 
 
 @dataclass
@@ -167,11 +164,11 @@ class Policy(nn.Module):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     # ------------------------------------------------------------------ sampling
-    def _generate_kwargs(self, gen: GenerationConfig, sample: bool) -> dict[str, Any]:
+    def _generate_kwargs(self, gen: GenerationConfig, sample: bool, on_token: Any = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=self.eos_token_id, use_cache=True)
         if sample:  # multinomial sampling by inverse CDF (mtrl.sampling: ~25x cheaper on a CPU)
-            kwargs.update(sampling_kwargs(gen.temperature, gen.top_k, gen.top_p))
+            kwargs.update(sampling_kwargs(gen.temperature, gen.top_k, gen.top_p, on_token))
         else:
             kwargs.update(do_sample=False, num_beams=gen.eval_num_beams)
         if self.forced_bos_token_id is not None:
@@ -194,24 +191,19 @@ class Policy(nn.Module):
                with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor, PolicyOutput]:
         """Sampled responses, their mask, and the sampling pass's own log-probs (and values): no second forward.
 
-        The log-probs come from the raw logits of every step (``output_logits``, before
-        top-k/top-p and the model's other logits processors) at ``gen.temperature``,
-        exactly what :meth:`forward` computes with the KV cache left out; the values
-        from the last hidden state of every step. The price is memory: the logits of
-        all steps, B x T x V floats, live until the log-probs are taken.
+        Each step's raw logits (before top-k/top-p and the model's other logits processors) are read
+        as the model returns them and kept only until the sampler has drawn that step's token: the
+        log-prob of the drawn token at ``gen.temperature`` is all that stays, exactly what
+        :meth:`forward` computes with the KV cache left out. Values come from the input of the LM
+        head at the same step. Memory: O(B x T), never the B x T x V logits of all steps.
         """
-        out = self.model.generate(input_ids=queries, attention_mask=query_mask, return_dict_in_generate=True,
-                                  output_logits=True, output_hidden_states=with_values,
-                                  **self._generate_kwargs(gen, sample=True))
-        responses = self._responses(out.sequences, queries)
-        logprobs = torch.stack([  # step by step: no B x T x V copy
-            F.log_softmax(step.float() / gen.temperature, dim=-1).gather(1, responses[:, t:t + 1]).squeeze(1)
-            for t, step in enumerate(out.logits[: responses.shape[1]])], dim=1)
-        values = None
-        if with_values:
-            steps = out.decoder_hidden_states if self.kind == "seq2seq" else out.hidden_states
-            hidden = torch.stack([layers[-1][:, -1] for layers in steps], dim=1)[:, : responses.shape[1]]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        recorder = _StepRecorder(self.model, gen.temperature, self.value_head if with_values else None)
+        with recorder:
+            out = self.model.generate(input_ids=queries, attention_mask=query_mask,
+                                      **self._generate_kwargs(gen, sample=True, on_token=recorder.take))
+        responses = self._responses(out, queries)
+        logprobs = torch.stack(recorder.logprobs, dim=1)[:, : responses.shape[1]]
+        values = torch.stack(recorder.values, dim=1)[:, : responses.shape[1]] if with_values else None
         return responses, self.response_mask(responses), PolicyOutput(logprobs, None, values)
 
     @property
@@ -274,6 +266,44 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
+
+
+class _StepRecorder:
+    """Hooks on a model during ``generate``: each step's raw logits (and LM-head input, for values) are held
+    until the sampler reports the drawn tokens, then reduced to one log-prob (and value) per row."""
+
+    def __init__(self, model: Any, temperature: float, value_head: nn.Module | None = None):
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model
+        self.temperature, self.value_head = temperature, value_head
+        self.logprobs: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._logits: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+
+    def _keep_logits(self, module: Any, args: Any, output: Any) -> None:
+        self._logits = output.logits[:, -1]
+
+    def _keep_hidden(self, module: Any, args: Any) -> None:
+        self._hidden = args[0][:, -1]
+
+    def take(self, tokens: torch.Tensor) -> None:
+        """The sampler drew ``tokens`` (B,) from the logits held since this step's forward."""
+        logp = F.log_softmax(self._logits.float() / self.temperature, dim=-1)
+        self.logprobs.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        if self.value_head is not None:
+            hidden = self._hidden.to(self.value_head.weight.dtype)
+            self.values.append(self.value_head(hidden).squeeze(-1).float())
+        self._logits = self._hidden = None
+
+    def __enter__(self) -> _StepRecorder:
+        self._hooks = [self.model.register_forward_hook(self._keep_logits)]
+        if self.value_head is not None:
+            self._hooks.append(self.model.get_output_embeddings().register_forward_pre_hook(self._keep_hidden))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
 
 
 class ReferencePolicy:

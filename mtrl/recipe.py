@@ -28,6 +28,7 @@ import yaml
 from mtrl.algorithms import ALGORITHMS, AlgorithmConfig, PPOConfig
 from mtrl.detectors import DetectorConfig
 from mtrl.errors import MtrlError
+from mtrl.evaluate import EvaluationConfig
 from mtrl.label import OfflineConfig
 from mtrl.policy import GenerationConfig, PolicyConfig
 from mtrl.rewards import RewardConfig
@@ -78,6 +79,7 @@ class Recipe:
     algorithm: AlgorithmConfig = field(default_factory=PPOConfig)  # its keys depend on algorithm.name
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,14 @@ detector (and load its model), get the initial policy (the shipped tiny model, a
 or a supervised warm start), build the :class:`~mtrl.rewards.Rewarder` and the recipe's algorithm
 (:mod:`mtrl.algorithms`), read the checkpoint to resume from; only then start the run, evaluate
 before (once), train and evaluate after. On-policy algorithms (PPO, REINFORCE, RLOO) are stepped
-here, with checkpoints and resume; whole-run ones (GRPO, Q-SFT) get one ``fit`` call.
+here, with checkpoints and resume; whole-run ones (GRPO, Q-SFT, TWA, best-of-n, DPO) get one ``fit`` call.
+
+Processes: launched by ``torchrun`` or ``accelerate launch`` (DDP; FSDP or DeepSpeed through accelerate's
+own configs), every process takes its own ``algorithm.batch_size`` sources of each step (the global batch
+is batch_size x processes), samples from its own RNG stream, and makes its own rollouts and rewards; the
+update averages gradients, advantage whitening and the logged metrics use the global batch. Evaluation is
+sharded across processes and gathered. Only the main process writes (``metrics.jsonl``, checkpoints,
+``final/``, ``eval.json``) and prints. This module is the one place that knows about processes.
 
 The run directory itself (what may be created, overwritten, resumed, and when) is
 :mod:`mtrl.rundir`.
@@ -30,8 +37,8 @@ from tqdm.auto import tqdm
 
 from mtrl.algorithms import RunContext, build_algorithm
 from mtrl.datasets import batch_indices, load_pairs
-from mtrl.errors import one_line
-from mtrl.evaluate import score_translations, translate
+from mtrl.errors import MtrlError, one_line
+from mtrl.evaluate import comet_scores, score_translations, translate
 from mtrl.io import write_json
 from mtrl.policy import build_policy, resolve_model
 from mtrl.recipe import Recipe
@@ -119,11 +126,12 @@ class Prior:
         return self.checkpoint.step if self.checkpoint else 0
 
 
-def read_prior(recipe: Recipe, run_dir: Path, device: Any) -> Prior:
+def read_prior(recipe: Recipe, run_dir: Path, device: Any, quiet: bool = False) -> Prior:
     """Read (only) what a resumed run continues from, refusing what cannot be continued."""
     ckpt, damaged = read_checkpoint(run_dir, device)
     if ckpt is None:
-        print(f"mtrl: no checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
+        if not quiet:
+            print(f"mtrl: no checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
         return Prior()
     results = previous_results(run_dir)
     wall = ckpt.state.get("wall_time_s", results.get("wall_time_s", 0.0))  # older checkpoints: eval.json's
@@ -134,44 +142,71 @@ def read_prior(recipe: Recipe, run_dir: Path, device: Any) -> Prior:
 def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe end to end; returns ``{"before": ..., "after": ...}`` when there is an eval set."""
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     t_start = time.perf_counter()
+    # cpu=True without a GPU: accelerate then runs torchrun's processes as MULTI_CPU (gloo) data parallelism
+    accelerator = Accelerator(cpu=recipe.train.cpu or not torch.cuda.is_available(),
+                              mixed_precision=recipe.train.mixed_precision)
+    main, n_proc, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    quiet = quiet or not main
     run_dir = Path(recipe.run_dir)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
-    check_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite)  # every process reads; none writes before the barrier below
     check_report_to(recipe.train.report_to)
     guard, ckpt = RunDirGuard(run_dir), None
     try:
         # 1. everything that can fail on the user's input, before the run directory changes:
-        #    the data, the detector, the policy, the algorithm, the checkpoint to resume from
+        #    the data, the detectors, the policy, the algorithm, the checkpoint to resume from
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         seed_everything(recipe.seed)
         train_pairs, eval_pairs = load_data(recipe.data)
         detector = build_detector(recipe.detector)
+        eval_detector = build_detector(recipe.evaluation.detector) if recipe.evaluation.detector else None
         model_path = initial_model(recipe, run_dir, quiet)
-        seed_everything(recipe.seed)
-        accelerator = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
+        seed_everything(recipe.seed)  # the same initial weights (and value head) in every process
         policy = build_policy(recipe.policy, model_path, recipe.data.src_lang,
                               recipe.data.tgt_lang).to(accelerator.device)
         rewarder = Rewarder(recipe.reward, detector, policy.tokenizer, use_reference=recipe.detector.use_reference)
         # the algorithm owns its optimiser, reference model and value head, if any (GRPO refuses seq2seq here)
         algo = build_algorithm(recipe.algorithm, policy, rewarder, recipe.generation, accelerator, recipe.train.steps)
-        prior = read_prior(recipe, run_dir, accelerator.device) if resume else Prior()
+        if n_proc > 1 and not hasattr(algo, "step"):
+            raise MtrlError(f"algorithm {recipe.algorithm.name} runs in one process; launch it with "
+                            "`mtrl train`, not torchrun or accelerate launch")
+        if n_proc > 1:  # each process samples from its own stream
+            seed_everything(recipe.seed + 100_003 * rank)
+        prior = read_prior(recipe, run_dir, "cpu", quiet) if resume else Prior()
         ckpt, start_step, results = prior.checkpoint, prior.step, prior.results
         elapsed = lambda: prior.wall_time_s + (time.perf_counter() - t_start)  # noqa: E731
 
         # 2. the run starts: the previous run moves aside (--overwrite), the recipe is written
-        guard.start(overwrite)
-        write_recipe(run_dir, recipe, start_step, prior.changes, log)
-        if ckpt:
-            set_aside_damaged(prior.damaged, ckpt.path)
+        accelerator.wait_for_everyone()
+        if main:
+            guard.start(overwrite)
+            write_recipe(run_dir, recipe, start_step, prior.changes, log)
+            if ckpt:
+                set_aside_damaged(prior.damaged, ckpt.path)
 
         # 3. evaluation before training, once (kept in eval.json across resumes), of the initial policy
-        def evaluate(translate_fn: Any) -> dict[str, Any]:
+        eval_detect = eval_detector.detect if eval_detector else rewarder.detect
+
+        def evaluate(translate_fn: Any, comet: bool = True) -> dict[str, Any]:
+            """Each process translates and scores its share of the eval set; the shares are gathered.
+            COMET (``evaluation.comet``) scores the before/after evaluations, not those during training."""
             rng = rng_state()  # evaluation must not shift the sampling RNG
+            mine = list(range(rank, len(eval_pairs), n_proc))
+            src, ref = [eval_pairs[i][0] for i in mine], [eval_pairs[i][1] for i in mine]
+            hyps = translate_fn(src)
+            shares = gather_object([(mine, hyps, eval_detect(src, hyps, ref))])
+            order = [i for idx, _, _ in shares for i in idx]
+            hyp_all = dict(zip(order, (h for _, hs, _ in shares for h in hs)))
+            det_all = dict(zip(order, (d for _, _, ds in shares for d in ds)))
             sources, refs = [p[0] for p in eval_pairs], [p[1] for p in eval_pairs]
-            out = score_translations(sources, translate_fn(sources), refs, rewarder.detect)
+            hyps_all = [hyp_all[i] for i in range(len(eval_pairs))]
+            out = score_translations(sources, hyps_all, refs, lambda *a: [det_all[i] for i in range(len(eval_pairs))])
+            if recipe.evaluation.comet and comet and main:
+                out["comet"] = comet_scores(recipe.evaluation.comet, sources, hyps_all, refs)
             set_rng_state(rng)
             return out
 
@@ -180,19 +215,30 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
         if eval_pairs and "before" not in results:
             log(f"mtrl: evaluating the initial policy on {len(eval_pairs)} segments ...")
             results["before"] = evaluate(policy_translate)
-            write_json(results_path, results)
+            if main:
+                write_json(results_path, results)
         if ckpt:
             apply_checkpoint(ckpt, policy, algo)
-            print(f"mtrl: resumed from {ckpt.path} (step {start_step})", file=sys.stderr)  # even with --quiet
+            per_process = ckpt.state.get("rng_per_process")
+            if n_proc > 1 and per_process and len(per_process) == n_proc:
+                set_rng_state(per_process[rank])
+            elif n_proc > 1 or (per_process and len(per_process) != n_proc):
+                log(f"mtrl: warning: resumed with {n_proc} processes where the checkpoint has "
+                    f"{len(per_process or [0])}; sampling continues from new RNG streams")
+                if n_proc > 1:
+                    seed_everything(recipe.seed + 100_003 * rank + start_step)
+            if main:
+                print(f"mtrl: resumed from {ckpt.path} (step {start_step})", file=sys.stderr)  # even with --quiet
 
         # 4. training
-        logger = MetricsLogger(run_dir, recipe.train.report_to, recipe, prior.metrics)
+        logger = MetricsLogger(run_dir, recipe.train.report_to, recipe, prior.metrics) if main else NoLogger()
         guard.training = True
         try:
             if hasattr(algo, "step"):
                 stopped = train_loop(algo, recipe, train_pairs, start_step, logger, rewarder, quiet,
-                                     evaluate=(lambda: evaluate(policy_translate)) if eval_pairs else None,
-                                     elapsed=elapsed)
+                                     evaluate=(lambda: evaluate(policy_translate, comet=False)) if eval_pairs else None,
+                                     elapsed=elapsed, accelerator=accelerator)
+                check_in_sync(policy, accelerator)
                 if stopped:
                     log(f"mtrl: stopped at step {stopped}; checkpoint saved. Continue with: "
                         f"mtrl train {run_dir}/recipe.yaml --resume")
@@ -204,51 +250,118 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
             logger.close()
 
         # 5. the final model, and evaluation after training
-        if not getattr(algo, "writes_final", False):
+        if main and not getattr(algo, "writes_final", False):
             save_final(policy, run_dir)
         if eval_pairs:
             log(f"mtrl: evaluating the trained policy on {len(eval_pairs)} segments ...")
             results["after"] = evaluate(getattr(algo, "translate", policy_translate))
         results["wall_time_s"] = elapsed()
-        write_json(results_path, results)
+        if n_proc > 1:
+            results["processes"] = n_proc
+        if main:
+            write_json(results_path, results)
+        accelerator.wait_for_everyone()
     except BaseException:
-        guard.failed(resumed=ckpt is not None)
+        if main:
+            guard.failed(resumed=ckpt is not None)
         raise
-    guard.finished()
+    if main:
+        guard.finished()
     return results
 
 
-def train_loop(algo: Any, recipe: Recipe, train_pairs: Sequence[Pair], start_step: int, logger: MetricsLogger,
+class NoLogger:
+    """The metrics logger of processes other than the main one: they log nothing."""
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def check_in_sync(policy: Any, accelerator: Any) -> None:
+    """Data parallelism keeps one model: after training every process must hold the same weights."""
+    if accelerator.num_processes == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in policy.parameters()]).sum().reshape(1)
+    sums = accelerator.gather(total.to(accelerator.device)).cpu()
+    if not bool((sums == sums[0]).all()):
+        raise MtrlError(f"the processes ended with different weights (parameter sums {sums.tolist()}); "
+                        "a process must have skipped an update")
+
+
+def reduce_metrics(metrics: dict[str, Any], accelerator: Any) -> dict[str, Any]:
+    """A step's metrics over the global batch: the mean over processes (equal shares), except counts and
+    throughput (``spans_*``, ``tokens_per_s``), which add up."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step")
+    summed = accelerator.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                                             device=accelerator.device), "sum").cpu().tolist()
+    adds = lambda k: k.startswith("spans_") or k == "tokens_per_s"  # noqa: E731
+    return {**metrics, **{k: v if adds(k) else v / accelerator.num_processes for k, v in zip(keys, summed)}}
+
+
+def train_loop(algo: Any, recipe: Recipe, train_pairs: Sequence[Pair], start_step: int, logger: Any,
                rewarder: Rewarder, quiet: bool, evaluate: Any = None,
-               elapsed: Callable[[], float] | None = None) -> int:
+               elapsed: Callable[[], float] | None = None, accelerator: Any = None) -> int:
     """Step an on-policy algorithm to ``train.steps``, logging and checkpointing; returns the step at which
     Ctrl-C stopped it, or 0 when it ran to the end. ``elapsed``: the run's wall time so far, kept in
-    each checkpoint so that ``wall_time_s`` counts interrupted attempts too."""
+    each checkpoint so that ``wall_time_s`` counts interrupted attempts too.
+
+    With N processes, step s draws ``batch_size x N`` sources and process r takes the r-th share; the
+    logged ``distinct_sources`` counts the sources all processes stepped on."""
+    from accelerate.utils import gather_object
+
     t, run_dir = recipe.train, Path(recipe.run_dir)
+    n_proc = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    main = rank == 0
+    batch = recipe.algorithm.batch_size
     step = start_step
     bar = tqdm(total=t.steps, initial=start_step, desc=f"{recipe.algorithm.name} ({recipe.reward.mode} rewards)",
                disable=quiet, dynamic_ncols=True)
     with StopFlag() as stop:
-        while step < t.steps and not stop.requested:
-            idx = batch_indices(len(train_pairs), recipe.algorithm.batch_size, step, recipe.seed)
+        stopped = False
+        while step < t.steps and not stopped:
+            idx = batch_indices(len(train_pairs), batch * n_proc, step, recipe.seed)[rank * batch:(rank + 1) * batch]
             metrics = algo.step([train_pairs[i][0] for i in idx], [train_pairs[i][1] for i in idx])
             step += 1
             metrics = {"step": step, **metrics,
                        "score_cache_hit_rate": rewarder.hits / max(1, rewarder.hits + rewarder.misses)}
+            metrics = reduce_metrics(metrics, accelerator)
+            metrics["distinct_sources"] = len(set(gather_object(idx) if n_proc > 1 else idx))
+            stopped = stopping(stop, accelerator)
             if step % t.log_every == 0 or step == t.steps:
                 logger.log(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", score=f"{metrics['sentence_score_mean']:.3f}",
                             kl=f"{metrics['kl']:.3f}")
-            if step % t.save_every == 0 or stop.requested or step == t.steps:
-                save_checkpoint(run_dir, step, algo.policy, algo.state_dict(),
-                                extra={"wall_time_s": elapsed()} if elapsed else None)
+            if step % t.save_every == 0 or stopped or step == t.steps:
+                extra: dict[str, Any] = {"wall_time_s": elapsed()} if elapsed else {}
+                if n_proc > 1:  # every process's sampling stream, for --resume under the same process count
+                    extra["rng_per_process"] = gather_object([rng_state()])
+                if main:
+                    save_checkpoint(run_dir, step, algo.policy, algo.state_dict(), extra=extra)
+                if accelerator is not None:
+                    accelerator.wait_for_everyone()
             if t.eval_every and evaluate is not None and step % t.eval_every == 0:
                 ev = evaluate()
-                logger.log({"step": step, **{f"eval_{k}": v["score"] if isinstance(v, dict) else v
+                logger.log({"step": step, **{f"eval_{k}": v.get("score") if isinstance(v, dict) else v
                                              for k, v in ev.items() if k != "examples"}})
     bar.close()
-    return step if (stop.requested and step < t.steps) else 0
+    return step if (stopped and step < t.steps) else 0
+
+
+def stopping(stop: StopFlag, accelerator: Any) -> bool:
+    """Ctrl-C in any process stops every process at the same step (else the others would wait forever)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=accelerator.device)
+    stop.requested = bool(accelerator.reduce(flag, "sum").item() > 0)
+    return stop.requested
 
 
 def save_final(policy: Any, run_dir: Path) -> Path:

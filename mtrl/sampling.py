@@ -16,6 +16,7 @@ minimum length, ...) run before it, as they do in ``do_sample=True``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ from transformers import (
 class InverseCDFSampler(LogitsProcessor):
     """Warp the scores, draw one token per row from their softmax, return -inf everywhere else."""
 
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 on_token: Callable[[torch.Tensor], None] | None = None):
+        self.on_token = on_token  # told each step's drawn tokens, (B,) (Policy.sample records their log-probs)
         warpers: list[LogitsProcessor] = []  # the order of transformers' sampling path
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -47,15 +50,18 @@ class InverseCDFSampler(LogitsProcessor):
         u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
         # right=True: the first entry whose cdf exceeds u, so a zero-probability token is never taken
         token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+        if self.on_token is not None:
+            self.on_token(token.squeeze(1))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, token, 0.0)
 
 
-def sampling_kwargs(temperature: float, top_k: int, top_p: float) -> dict[str, Any]:
+def sampling_kwargs(temperature: float, top_k: int, top_p: float,
+                    on_token: Callable[[torch.Tensor], None] | None = None) -> dict[str, Any]:
     """``generate`` keyword arguments that sample with :class:`InverseCDFSampler`.
 
     The model's own sampling defaults (a generation config's temperature, top_p,
     top_k) are switched off so that they neither warp twice nor warn under greedy.
     """
     return dict(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                logits_processor=LogitsProcessorList([InverseCDFSampler(temperature, top_k, top_p)]))
+                logits_processor=LogitsProcessorList([InverseCDFSampler(temperature, top_k, top_p, on_token)]))

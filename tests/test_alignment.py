@@ -32,7 +32,7 @@ def tok(request) -> PreTrainedTokenizerFast:
 
 
 def _check_contract(tokenizer, ids: list[int], text: str, offsets, completion_start: int = 0) -> None:
-    special = set(tokenizer.all_special_ids)
+    special = skipped_ids(tokenizer)
     assert len(offsets) == len(ids)
     prev_s = prev_e = 0
     for t, (s, e) in enumerate(offsets):
@@ -52,12 +52,17 @@ def _check_contract(tokenizer, ids: list[int], text: str, offsets, completion_st
     assert not missing, f"characters {missing} of {text!r} in no token"
 
 
+def skipped_ids(tokenizer) -> set[int]:
+    """The ids ``skip_special_tokens`` drops: the named specials and every added token marked special."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
 def _independent_reference(tokenizer, ids: list[int], cleanup: bool = False):
     """The interval contract written out with ``tokenizer.decode`` only (no mtrl code)."""
     def dec(x):
         return tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=cleanup)
 
-    text, special = dec(ids), set(tokenizer.all_special_ids)
+    text, special = dec(ids), skipped_ids(tokenizer)
     out, pos, pending = [], 0, []
     for t, i in enumerate(ids):
         if i in special:

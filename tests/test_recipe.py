@@ -27,7 +27,7 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize("data, message", [
     ({"algoritm": {}}, "unknown key 'algoritm'; did you mean 'algorithm'?"),
     ({"algorithm": {"klcoef": 1}}, "unknown key 'algorithm.klcoef' (algorithm ppo does not use it); did you mean 'kl_coef'?"),
-    ({"algorithm": {"name": "dpo"}}, "algorithm.name: 'dpo' is not allowed; allowed: 'ppo', 'reinforce', 'rloo'"),
+    ({"algorithm": {"name": "kto"}}, "algorithm.name: 'kto' is not allowed; allowed: 'ppo', 'reinforce', 'rloo', 'grpo', 'qsft', 'twa', 'bon', 'dpo'"),
     ({"train": {"steps": "ten"}}, "train.steps: expected int, got 'ten'"),
     ({"reward": {"mode": "tokens"}}, "reward.mode: 'tokens' is not allowed; allowed: 'token', 'sentence', 'hybrid'"),
     ({"reward": {"severity_map": "mqm"}}, "unknown severity map 'mqm'"),

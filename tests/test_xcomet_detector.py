@@ -1,4 +1,8 @@
-"""The xcomet detector through the real comet code path, on a tiny trained xCOMET checkpoint."""
+"""The xcomet detector through the real comet code path, on a tiny trained xCOMET checkpoint.
+
+The detector keeps the model resident and runs comet's ``prepare_for_inference`` + ``predict_step``
+itself; comet's ``predict`` (a Lightning Trainer per call) is the reference it must match.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from mtrl.detectors import load_detector
-from mtrl.detectors.xcomet import XCometDetector, spans_from_comet, truncation
+from mtrl.detectors import DetectorConfig, load_detector
+from mtrl.detectors.xcomet import XCometDetector, buckets, load_comet_checkpoint, spans_from_comet, truncation
 from mtrl.errors import MtrlError
 from mtrl.spans import ErrorSpan
 from tests.fixtures.xcomet import ERROR_SEVERITY, ERROR_WORD
@@ -33,7 +37,7 @@ def tiny_ckpt(tiny_xcomet_ckpt: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def detector(tiny_ckpt: Path) -> XCometDetector:
-    det = XCometDetector(str(tiny_ckpt), gpus=0)
+    det = XCometDetector(str(tiny_ckpt), device="cpu")
     det.load()
     return det
 
@@ -113,8 +117,7 @@ def test_detect_reference_free(detector: XCometDetector) -> None:
     dets = detector.detect(SRCS, HYPS)
     _check(dets, HYPS, "qe")
     assert "ref_score" not in dets[0].extra
-    no_ref = XCometDetector(str(detector.model_name), gpus=0, use_reference=False)
-    no_ref._model = detector.load()  # share the loaded model
+    no_ref = XCometDetector.from_model(detector.load(), device="cpu", use_reference=False)  # shares the model
     _check(no_ref.detect(SRCS, HYPS, REFS), HYPS, "qe")
 
 
@@ -150,9 +153,11 @@ def test_empty_and_mismatched_input(detector: XCometDetector) -> None:
 _SILENT_SCRIPT = """
 import sys
 from mtrl.detectors.xcomet import XCometDetector
-det = XCometDetector(sys.argv[1], gpus=0)
+det = XCometDetector(sys.argv[1], device="cpu")
 for refs in (["Ein Hund rennt."], None, ["Ein Hund rennt."]):
     det.detect(["A dog runs."], ["Ein Hund KAPUTT rennt."], refs)
+long_hyp = " ".join(["Ein Hund rennt."] * 200)  # over the encoder's limit: no tokenizer warning either
+assert det.detect(["A dog runs."], [long_hyp], ["Ein Hund rennt."])[0].truncated
 """
 
 
@@ -190,7 +195,7 @@ def test_moved_checkpoint_loads(tiny_ckpt: Path, detector: XCometDetector, tmp_p
 
     # 1. The builder's relative encoder path, model folder given as a directory.
     copy = shutil.copytree(tiny_ckpt.parents[1], tmp_path / "copied")
-    got = [d.score for d in XCometDetector(str(copy), gpus=0).detect(SRCS, HYPS, REFS)]
+    got = [d.score for d in XCometDetector(str(copy), device="cpu").detect(SRCS, HYPS, REFS)]
     assert got == pytest.approx(expected, abs=1e-5)
 
     # 2. comet's own layout: an absolute encoder path that no longer exists after a move.
@@ -202,7 +207,7 @@ def test_moved_checkpoint_loads(tiny_ckpt: Path, detector: XCometDetector, tmp_p
     torch.save(state, ckpt_file)
     hp = yaml.safe_load((moved / "hparams.yaml").read_text())
     (moved / "hparams.yaml").write_text(yaml.safe_dump({**hp, "pretrained_model": gone}))
-    got = [d.score for d in XCometDetector(str(ckpt_file), gpus=0).detect(SRCS, HYPS, REFS)]
+    got = [d.score for d in XCometDetector(str(ckpt_file), device="cpu").detect(SRCS, HYPS, REFS)]
     assert got == pytest.approx(expected, abs=1e-5)
 
 
@@ -225,5 +230,142 @@ def test_hub_id_found_in_local_cache(tiny_ckpt: Path, detector: XCometDetector, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    got = [d.score for d in XCometDetector("Unbabel/tiny-xcomet", gpus=0).detect(SRCS, HYPS)]
+    got = [d.score for d in XCometDetector("Unbabel/tiny-xcomet", device="cpu").detect(SRCS, HYPS)]
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+# --- resident model: equivalence to comet's predict, placement, options -------------------------
+
+def _rows(n: int) -> tuple[list[str], list[str], list[str]]:
+    """``n`` rows of varied length, every third hypothesis with the error word."""
+    from mtrl.tiny import training_pairs
+
+    pairs = training_pairs(n)
+    hyps = [r.replace(" ", f" {ERROR_WORD} ", 1) if i % 3 == 0 else r for i, (_, r) in enumerate(pairs)]
+    return [s for s, _ in pairs], hyps, [r for _, r in pairs]
+
+
+def _comet_predict(model, srcs, hyps, refs) -> list[tuple[float, list[tuple[int, int, str]], list[float]]]:
+    """comet's own ``predict``, one call per mode, as the old detector did: (score, spans, confidences)."""
+    out: dict[int, tuple] = {}
+    for with_ref in (True, False):
+        rows = [i for i in range(len(hyps)) if bool(refs and refs[i]) == with_ref]
+        if not rows:
+            continue
+        samples = [{"src": srcs[i], "mt": hyps[i]} | ({"ref": refs[i]} if with_ref else {}) for i in rows]
+        pred = model.predict(samples, batch_size=8, gpus=0, progress_bar=False, num_workers=0)
+        for k, i in enumerate(rows):
+            spans = spans_from_comet(hyps[i], pred.metadata.error_spans[k])
+            out[i] = (pred.scores[k], [(s.start, s.end, s.severity) for s in spans], [s.confidence for s in spans])
+    return [out[i] for i in range(len(hyps))]
+
+
+@pytest.mark.parametrize("mode", ["ref", "qe", "mixed"])
+def test_same_scores_and_spans_as_comet_predict(tiny_ckpt: Path, mode: str) -> None:
+    """fp32: the resident forward loop (other batches: 3 rows, a token budget) gives predict's output."""
+    srcs, hyps, refs = _rows(24)
+    given = {"ref": refs, "qe": None, "mixed": [r if i % 2 else None for i, r in enumerate(refs)]}[mode]
+    det = XCometDetector(str(tiny_ckpt), device="cpu", dtype="fp32", batch_size=3, max_tokens=120)
+    got = det.detect(srcs, hyps, given)
+    expected = _comet_predict(load_comet_checkpoint(tiny_ckpt), srcs, hyps, given)
+    assert sum(len(e[1]) for e in expected) >= 8  # the comparison covers real spans
+    for d, (score, spans, confs) in zip(got, expected, strict=True):
+        assert d.score == pytest.approx(score, abs=1e-5)
+        assert [(s.start, s.end, s.severity) for s in d.spans] == spans
+        assert [s.confidence for s in d.spans] == pytest.approx(confs, abs=1e-5)
+    modes = [d.extra["mode"] for d in got]
+    assert modes == ["ref" if given and given[i] else "qe" for i in range(len(hyps))]
+
+
+def test_buckets_respect_rows_and_token_budget() -> None:
+    lengths = [5, 40, 12, 40, 7, 30, 300, 8]
+    batches = buckets(lengths, batch_size=3, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [6]  # longest first; alone over the budget, still scored
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
+    assert buckets([], 4, 100) == []
+
+
+def test_model_stays_loaded_and_placed(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One load for many calls; no Lightning Trainer or ``predict``; moved back if something moved it."""
+    import pytorch_lightning
+
+    import mtrl.detectors.xcomet as xc
+
+    loads = []
+    monkeypatch.setattr(xc, "load_comet_checkpoint", lambda ckpt: loads.append(ckpt) or load_comet_checkpoint(ckpt))
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a Lightning Trainer was built")
+
+    monkeypatch.setattr(pytorch_lightning.Trainer, "__init__", no_trainer)
+    det = XCometDetector(str(tiny_ckpt), device="cpu")  # dtype auto: fp32 on the CPU
+    model = det.load()
+    monkeypatch.setattr(model, "predict", no_trainer)
+    first = det.detect(SRCS, HYPS, REFS)
+    det.detect(SRCS, HYPS)
+    det.detect(SRCS, HYPS, [REFS[0], None, REFS[2]])
+    assert len(loads) == 1 and det.load() is model
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    model.double().train()  # as if someone else used the object
+    again = det.detect(SRCS, HYPS, REFS)
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert [d.score for d in again] == pytest.approx([d.score for d in first], abs=1e-6)
+    assert "decode" not in vars(model)  # the CPU-decode wrapper is gone after the call
+
+
+def test_from_model_wraps_an_object_in_memory(tiny_ckpt: Path, detector: XCometDetector) -> None:
+    model = load_comet_checkpoint(tiny_ckpt)
+    det = XCometDetector.from_model(model, device="cpu", dtype="fp32", batch_size=2, max_tokens=64)
+    assert det.load() is model and det.batch_size == 2 and det.max_tokens == 64
+    got = det.detect(SRCS, HYPS, REFS)
+    expected = detector.detect(SRCS, HYPS, REFS)
+    assert [d.score for d in got] == pytest.approx([d.score for d in expected], abs=1e-5)
+    assert [d.spans for d in got][0] != [] and \
+        [[(s.start, s.end) for s in d.spans] for d in got] == [[(s.start, s.end) for s in d.spans] for d in expected]
+    with pytest.raises(MtrlError, match="not a word-level comet model"):
+        XCometDetector.from_model(torch.nn.Linear(2, 2), device="cpu")
+
+
+def test_bf16_runs_close_to_fp32(tiny_ckpt: Path, detector: XCometDetector) -> None:
+    det = XCometDetector.from_model(load_comet_checkpoint(tiny_ckpt), device="cpu", dtype="bf16")
+    assert next(det.load().parameters()).dtype == torch.bfloat16
+    got = det.detect(SRCS, HYPS, REFS)
+    expected = detector.detect(SRCS, HYPS, REFS)
+    assert all(isinstance(d.score, float) for d in got)
+    assert [d.score for d in got] == pytest.approx([d.score for d in expected], abs=0.05)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"device": "gpu"}, "detector.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ({"device": "cuda:x"}, "detector.device"),
+    ({"dtype": "half"}, "detector.dtype: must be one of 'auto', 'fp32', 'fp16', 'bf16', got 'half'"),
+    ({"batch_size": 0}, "detector.batch_size: must be an integer >= 1"),
+    ({"max_tokens": 0}, "detector.max_tokens: must be an integer >= 1"),
+])
+def test_bad_options_are_one_line_errors(options: dict, message: str) -> None:
+    with pytest.raises(MtrlError) as e:
+        XCometDetector("unused", **options)  # checked before anything is loaded
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_cuda_device_fails_before_loading(tmp_path: Path) -> None:
+    det = XCometDetector(str(tmp_path / "nope"), device="cuda:99")
+    with pytest.raises(MtrlError, match=r"detector.device: 'cuda:99' asked for, but \d+ CUDA device"):
+        det.load()  # not "checkpoint not found": the device is checked first
+
+
+def test_detector_config_passes_xcomet_options() -> None:
+    det = DetectorConfig(name="xcomet", model="some/model", batch_size=4, device="cpu", dtype="bf16",
+                         max_tokens=512).build()
+    assert isinstance(det, XCometDetector)
+    assert (det.device, det.dtype, det.batch_size, det.max_tokens) == ("cpu", "bf16", 4, 512)
+    default = DetectorConfig(name="xcomet").build()
+    assert (default.device, default.dtype) == ("auto", "auto")
+    with pytest.raises(MtrlError, match="detector.dtype"):
+        DetectorConfig(name="xcomet", dtype="fp8").build()  # type: ignore[arg-type]
+    for key, value in (("device", "cpu"), ("dtype", "fp16"), ("max_tokens", 100), ("model", "x")):
+        with pytest.raises(MtrlError, match=f"detector.{key} is only used by the xcomet detector, not reference"):
+            DetectorConfig(name="reference", **{key: value}).build()

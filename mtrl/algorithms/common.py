@@ -6,13 +6,15 @@ this module holds only the small pieces both would otherwise copy.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
+from mtrl.rollout import clock
 from mtrl.schema import Range
 from mtrl.spans import SEVERITIES
 
@@ -24,7 +26,7 @@ class OnPolicyConfig:
     lr: Annotated[float, Range(gt=0)] = 1e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: Annotated[int, Range(ge=0)] = 0
-    batch_size: Annotated[int, Range(ge=1)] = 32  # sources per step, per process
+    batch_size: Annotated[int, Range(ge=1)] = 32  # sources per step PER PROCESS (global: x the process count)
     samples_per_prompt: Annotated[int, Range(ge=1)] = 1  # rloo needs >= 2
     minibatch_size: Annotated[int, Range(ge=1)] = 16
     ent_coef: Annotated[float, Range(ge=0)] = 0.0
@@ -54,9 +56,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the valid entries; padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, accelerator: Any = None
+                  ) -> torch.Tensor:
+    """(x - mean) / std over the valid entries; padding stays 0. With several processes (``accelerator``),
+    the mean and std are those of the global batch."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        m = mask.to(x.dtype)
+        total = accelerator.reduce(torch.stack([(x * m).sum(), m.sum()]), "sum")
+        n = total[1].clamp(min=1)
+        mean = total[0] / n
+        var = accelerator.reduce(((x - mean) ** 2 * m).sum(), "sum") / n
+        var = var * n / (n - 1) if n > 1 else var
+    else:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -113,11 +125,62 @@ class OptimizerState:
         self.kl_ctl.value = state["kl_coef"]
 
 
+@contextmanager
+def full_parameters(model: Any, accelerator: Any) -> Iterator[None]:
+    """Sharded parameters (DeepSpeed ZeRO-3, FSDP) gathered once for a whole rollout, not once per token.
+
+    ``model``: what ``accelerator.prepare`` returned. Without sharding (one process, DDP) this does nothing.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            remove_hooks(model)  # ZeRO-3's per-module hooks would re-gather at every forward
+            try:
+                yield
+            finally:
+                add_hooks(model)
+    elif kind == DistributedType.FSDP:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(model, FSDP):  # FSDP1
+            with FSDP.summon_full_params(model, writeback=False):
+                yield
+        else:  # FSDP2 (fully_shard): unshard every sharded module and keep it so until the rollout ends
+            mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+            # generate calls submodules (the encoder) before the root: the root's lazy set-up must come first
+            # (private API: torch has no public one for this, as of 2.13)
+            mods[0]._get_fsdp_state()._lazy_init()
+            for m in mods:
+                m.set_reshard_after_forward(False)
+                m.unshard()
+            try:
+                yield
+            finally:
+                for m in mods:
+                    m.reshard()
+                    m.set_reshard_after_forward(True)
+    else:
+        yield
+
+
+def half_precision(policy: Any, accelerator: Any) -> bool:
+    """Whether the sampling pass and the update's pass may round differently (bf16/fp16 weights or autocast):
+    the old log-probs are then recomputed by the update's own forward (see ``collect_rollout``)."""
+    return accelerator.mixed_precision != "no" or next(policy.parameters()).dtype != torch.float32
+
+
 def rollout_metrics(rollout: Any, rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float,
-                    t0: float) -> dict[str, float]:
-    """The per-step numbers every on-policy algorithm logs (``metrics.jsonl``)."""
+                    t0: float, update_s: float = 0.0) -> dict[str, float]:
+    """The per-step numbers every on-policy algorithm logs (``metrics.jsonl``), with the step's time split:
+    sampling, the rewarder (detector), teacher-forced forwards (reference, recompute) and the update."""
     seq_reward = rollout.rewards.sum(1)
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     return {
         "reward_mean": float(seq_reward.mean()),
         "reward_std": float(seq_reward.std()) if len(seq_reward) > 1 else 0.0,
@@ -129,6 +192,10 @@ def rollout_metrics(rollout: Any, rewards: torch.Tensor, kl: torch.Tensor, kl_co
         "tokens_per_s": rollout.stats["response_tokens"] / elapsed,
         "step_time_s": elapsed,
         "response_length_mean": rollout.stats["response_length_mean"],
+        "time_generate_s": rollout.stats["generate_s"],
+        "time_reward_s": rollout.stats["score_s"],
+        "time_forward_s": rollout.stats["forward_s"],
+        "time_update_s": update_s,
     }
 
 

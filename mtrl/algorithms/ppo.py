@@ -20,7 +20,6 @@ hidden state, with its own learning rate (``value_lr``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -31,6 +30,8 @@ from mtrl.algorithms.common import (
     AdaptiveKLController,
     OnPolicyConfig,
     OptimizerState,
+    full_parameters,
+    half_precision,
     kl_penalty,
     make_optimizer,
     masked_mean,
@@ -39,7 +40,7 @@ from mtrl.algorithms.common import (
 )
 from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
 from mtrl.rewards import Rewarder
-from mtrl.rollout import Rollout, collect_rollout
+from mtrl.rollout import Rollout, clock, collect_rollout
 from mtrl.schema import Range
 
 __all__ = ["PPO", "PPOConfig", "AdaptiveKLController", "gae", "kl_penalty", "masked_whiten", "policy_loss",
@@ -104,24 +105,29 @@ class PPO(OptimizerState):
         body = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head.")]
         self.optimizer, self.scheduler = make_optimizer(
             [{"params": body}, {"params": list(head.parameters()), "lr": cfg.value_lr or cfg.lr}], cfg, total_steps)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, self.optimizer, self.scheduler)
+        # the scheduler is not prepared: accelerate would step it once per process
+        self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
         """One PPO step on a batch of sources; returns the step's metrics."""
-        t0 = time.perf_counter()
+        t0 = clock()
         # 1. rollout: sample, reward every token, old log-probs and values, reference log-probs
-        ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
-                             self.cfg.samples_per_prompt, with_values=True)
+        with full_parameters(self.model, self.accelerator):
+            ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
+                                 self.cfg.samples_per_prompt, with_values=True,
+                                 recompute=self.model if half_precision(self.policy, self.accelerator) else None)
         # 2. KL shaping: what PPO optimises is the reward minus the KL penalty to the reference
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
         rewards = ro.rewards - self.kl_ctl.value * kl
         # 3. + 4. advantages and the update epochs
+        t_update = clock()
         stats = self.update(ro, rewards)
+        t_update = clock() - t_update
         self.scheduler.step()
         self.kl_ctl.update(float(kl.sum(1).mean()), len(sources))
-        return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0), **stats,
+        return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
 
     def update(self, ro: Rollout, rewards: torch.Tensor) -> dict[str, float]:
@@ -129,7 +135,7 @@ class PPO(OptimizerState):
         cfg, mask = self.cfg, ro.response_mask.float()
         advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, accelerator=self.accelerator)
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [],
                                          "approx_kl": [], "grad_norm": []}
         for _ in range(cfg.epochs):

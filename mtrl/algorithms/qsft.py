@@ -76,6 +76,14 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
+from mtrl.algorithms.offline import (
+    labelled_rows,
+    num_steps,
+    pad_batch,
+    shifted_logits,
+    shuffled_batches,
+    target_features,
+)
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, PolicyConfig
 from mtrl.schema import Range
@@ -220,11 +228,10 @@ def rescale_rewards(token_rewards: Sequence[float], score: float | None, level: 
 
 # ---------------------------------------------------------------------------- data
 def build_features(rows: Sequence[dict], policy: Any, cfg: QSFTConfig) -> list[dict]:
-    """Pre-tokenised rows: seq2seq {input_ids, decoder_input_ids, labels, rewards}; causal {input_ids, labels, rewards}.
-
-    ``labels`` is -100 where no loss is taken (prompt tokens; a forced language token).
-    Causal rows are prompt + hypothesis, so ``labels``/``rewards`` sit at the token's own
-    position (the usual causal shift happens in :func:`token_logits`).
+    """Pre-tokenised rows: :func:`mtrl.algorithms.offline.target_features` (``input_ids``, seq2seq
+    ``decoder_input_ids``, ``labels`` with -100 on prompt tokens and a forced language token) plus ``rewards``,
+    rescaled, at the target tokens' positions (0 on a causal row's prompt; the causal shift happens in
+    :func:`token_logits`).
     """
     feats = []
     return_range = resolve_return_range(rows, cfg)
@@ -233,17 +240,9 @@ def build_features(rows: Sequence[dict], policy: Any, cfg: QSFTConfig) -> list[d
         if not ids or len(ids) != len(row["token_rewards"]):
             raise MtrlError(f"qsft row {i}: token_ids and token_rewards must be non-empty and of equal length")
         rewards = rescale_rewards(row["token_rewards"], row.get("score"), cfg.reward_level, return_range)
-        query = policy.encode_sources([row["src"]])[0][0].tolist()
-        if policy.kind == "seq2seq":
-            labels = list(ids)
-            if policy.forced_bos_token_id is not None and ids[0] == policy.forced_bos_token_id:
-                labels[0] = -100
-            start = policy.model.config.decoder_start_token_id
-            feats.append({"input_ids": query, "decoder_input_ids": [start] + ids[:-1], "labels": labels,
-                          "rewards": rewards})
-        else:
-            feats.append({"input_ids": query + ids, "labels": [-100] * len(query) + ids,
-                          "rewards": [0.0] * len(query) + rewards})
+        feat = target_features(row, policy)
+        n_prompt = len(feat["labels"]) - len(ids)
+        feats.append({**feat, "rewards": [0.0] * n_prompt + rewards})
     return feats
 
 
@@ -254,34 +253,14 @@ class QSFTCollator:
         self.pad = pad_token_id
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        def pad(seqs: list[list], value: float, dtype: torch.dtype) -> torch.Tensor:
-            n = max(len(x) for x in seqs)
-            return torch.tensor([list(x) + [value] * (n - len(x)) for x in seqs], dtype=dtype)
-
-        def col(key: str) -> list[list]:
-            return [f[key] for f in feats]
-
-        batch = {"input_ids": pad(col("input_ids"), self.pad, torch.long),
-                 "attention_mask": pad([[1] * len(x) for x in col("input_ids")], 0, torch.long),
-                 "labels": pad(col("labels"), -100, torch.long), "rewards": pad(col("rewards"), 0.0, torch.float)}
-        if "decoder_input_ids" in feats[0]:
-            batch["decoder_input_ids"] = pad(col("decoder_input_ids"), self.pad, torch.long)
-        return batch
+        return pad_batch(feats, self.pad, ["rewards"])
 
 
 def token_logits(model: Any, batch: dict[str, torch.Tensor], kind: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, mask, rewards), aligned so that logits[:, t] is the distribution of targets[:, t]."""
-    if kind == "seq2seq":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
-        labels, rewards = batch["labels"], batch["rewards"]
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1]
-        labels, rewards = batch["labels"][:, 1:], batch["rewards"][:, 1:]
-    mask = labels != -100
-    return logits, labels.clamp(min=0), mask, rewards
+    logits, targets, mask, (rewards,) = shifted_logits(model, batch, kind, ["rewards"])
+    return logits, targets, mask, rewards
 
 
 # ---------------------------------------------------------------------------- training
@@ -317,28 +296,18 @@ def fit_stage(model: Any, features: list[dict], cfg: QSFTConfig, kind: str, step
     (``step``, ``loss``, ``qsft_target_mean``) every ``cfg.logging_steps`` steps.
     """
     collate = QSFTCollator(pad_token_id)
-    per_epoch = max(1, -(-len(features) // cfg.batch_size) // cfg.grad_accum)
-    total = steps if steps > 0 else max(1, round(cfg.epochs * per_epoch))
+    total, _ = num_steps(len(features), cfg.batch_size, cfg.grad_accum, cfg.epochs, steps)
     device = next(model.parameters()).device
     for m in (target_model, behaviour_model):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-
-    def next_rows() -> list[dict]:
-        nonlocal order
-        if len(order) < cfg.batch_size:
-            order += torch.randperm(len(features), generator=gen).tolist()
-        rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        return [features[i] for i in rows]
-
+    batches = shuffled_batches(len(features), cfg.batch_size, seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     history, losses, means = [], [], []
     for step in range(1, total + 1):
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next_rows()).items()}
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in next(batches)]).items()}
             loss, mean = batch_loss(model, batch, kind, cfg, target_model, behaviour_model)
             (loss / cfg.grad_accum).backward()
             losses.append(float(loss.detach()))
@@ -472,13 +441,8 @@ class QSFT:
 
     def fit(self, ctx: Any) -> None:
         """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
-        from mtrl.label import offline_rows
-
         p = self.policy
-        rows = offline_rows(ctx.offline, ctx.model_path, ctx.train_pairs, self.rewarder, ctx.run_dir / "offline",
-                            policy_config=p.cfg, src_lang=p.src_lang, tgt_lang=p.tgt_lang,
-                            max_new_tokens=self.gen.max_new_tokens, seed=ctx.seed, log=ctx.log,
-                            progress=ctx.progress)
+        rows = labelled_rows(ctx, p, self.rewarder, self.gen)
         level = "sentence" if self.rewarder.config.mode == "sentence" else "token"
         sampled_at = {} if ctx.offline.data else {"temperature": ctx.offline.temperature}  # read every model at T
         cfg = self.cfg = dataclasses.replace(self.cfg, reward_level=level, **sampled_at)

@@ -17,7 +17,6 @@ The loss is -A_t log pi(y_t) averaged over valid tokens.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +27,8 @@ from mtrl.algorithms.common import (
     AdaptiveKLController,
     OnPolicyConfig,
     OptimizerState,
+    full_parameters,
+    half_precision,
     kl_penalty,
     make_optimizer,
     masked_mean,
@@ -36,7 +37,7 @@ from mtrl.algorithms.common import (
 )
 from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
 from mtrl.rewards import Rewarder
-from mtrl.rollout import Rollout, collect_rollout
+from mtrl.rollout import Rollout, clock, collect_rollout
 
 
 @dataclass
@@ -69,12 +70,13 @@ def leave_one_out_baseline(returns: torch.Tensor, mask: torch.Tensor, group: tor
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
-def advantages(rewards: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, cfg: ReinforceConfig) -> torch.Tensor:
+def advantages(rewards: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, cfg: ReinforceConfig,
+               accelerator: Any = None) -> torch.Tensor:
     mask = mask.to(rewards.dtype)
     g = returns_to_go(rewards, mask, cfg.gamma)
     base = leave_one_out_baseline(g, mask, group) if cfg.name == "rloo" else batch_baseline(g, mask)
     adv = (g - base) * mask
-    return masked_whiten(adv, mask, shift_mean=False) if cfg.whiten_advantages else adv
+    return masked_whiten(adv, mask, shift_mean=False, accelerator=accelerator) if cfg.whiten_advantages else adv
 
 
 class Reinforce(OptimizerState):
@@ -86,30 +88,35 @@ class Reinforce(OptimizerState):
         self.reference = ReferencePolicy(policy)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer([{"params": params}], cfg, total_steps)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, self.optimizer, self.scheduler)
+        # the scheduler is not prepared: accelerate would step it once per process
+        self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
         """One policy-gradient step on a batch of sources; returns the step's metrics."""
-        t0 = time.perf_counter()
+        t0 = clock()
         # 1. rollout (no values: there is no critic)
-        ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
-                             self.cfg.samples_per_prompt, with_values=False)
+        with full_parameters(self.model, self.accelerator):
+            ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
+                                 self.cfg.samples_per_prompt, with_values=False,
+                                 recompute=self.model if half_precision(self.policy, self.accelerator) else None)
         # 2. KL shaping
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
         rewards = ro.rewards - self.kl_ctl.value * kl
         # 3. + 4. returns, baseline and the update
+        t_update = clock()
         stats = self.update(ro, rewards)
+        t_update = clock() - t_update
         self.scheduler.step()
         self.kl_ctl.update(float(kl.sum(1).mean()), len(sources))
-        return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0), **stats,
+        return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
 
     def update(self, ro: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         """Advantages (returns-to-go minus the baseline), then one pass over minibatches."""
         cfg, mask = self.cfg, ro.response_mask.float()
-        adv = advantages(rewards, mask, ro.group.to(mask.device), cfg)
+        adv = advantages(rewards, mask, ro.group.to(mask.device), cfg, self.accelerator)
         stats: dict[str, list[float]] = {"policy_loss": [], "entropy": [], "grad_norm": []}
         for idx in torch.randperm(mask.shape[0]).split(cfg.minibatch_size):
             m = mask[idx]

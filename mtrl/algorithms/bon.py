@@ -1,0 +1,109 @@
+"""Best-of-n (rejection-sampling) fine-tuning: SFT on the best of n labelled translations per source.
+
+ReST (Gulcehre et al. 2023, arXiv 2308.08998), RAFT (Dong et al. 2023, arXiv 2304.06767) and QE-reranked
+SFT for MT (Finkelstein et al. 2023, arXiv 2309.10966) all do one "grow" step of this kind: sample n
+translations per source (the recipe's ``offline:`` section, ``samples_per_source`` = n), rank them by a
+reward, keep the best, optionally only where it is good enough, and fine-tune on the kept ones with plain
+cross-entropy. The ranking reward is either
+
+* ``rank_by: return`` (default): a row's return, the sum of its ``token_rewards``. These already follow
+  ``reward.mode``, so the quickstart's span penalties + chrF (R3HF) rank the samples as PPO would reward
+  them; or
+* ``rank_by: score``: the row's sentence score (the detector's, or ``reward.scorer``'s).
+
+``min_reward`` drops the sources whose best row is below it (ReST's threshold; null keeps every source).
+Ties keep the first row of the source, so the choice is deterministic.
+
+The SFT loop is :func:`mtrl.algorithms.offline.sft`: plain cross-entropy on the hypothesis tokens (prompt
+tokens and a forced language token are not trained); the policy is trained in place and the runner saves
+``final/`` and evaluates it with its usual decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from mtrl.algorithms.offline import labelled_rows, sft, target_features
+from mtrl.errors import MtrlError
+from mtrl.policy import GenerationConfig, Policy
+from mtrl.schema import Range
+
+
+@dataclass
+class BestOfNConfig:
+    name: Literal["bon"] = "bon"
+    rank_by: Literal["return", "score"] = "return"  # return: sum of token_rewards (follows reward.mode); score
+    min_reward: Annotated[float, Range()] | None = None  # drop sources whose best is below this; null: keep all
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    epochs: Annotated[float, Range(gt=0)] = 1.0
+    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
+    batch_size: Annotated[int, Range(ge=1)] = 8
+    grad_accum: Annotated[int, Range(ge=1)] = 1
+    logging_steps: Annotated[int, Range(ge=1)] = 10
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("return", "score"):
+            raise MtrlError(f"bon rank_by: unknown value {self.rank_by!r}; allowed: return, score")
+
+
+# ---------------------------------------------------------------------------- selection
+def row_value(row: dict, rank_by: str) -> float:
+    """What ranks a row: its return (the sum of its token rewards) or its sentence score."""
+    if rank_by == "score":
+        if row.get("score") is None:
+            raise MtrlError("rank_by 'score' needs a 'score' in every labelled row")
+        return float(row["score"])
+    return float(sum(row["token_rewards"]))
+
+
+def group_by_source(rows: Sequence[dict]) -> list[list[dict]]:
+    """The rows of each source, sources in order of first appearance, rows in their own order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["src"], []).append(row)
+    return list(groups.values())
+
+
+def select_best(rows: Sequence[dict], rank_by: str = "return", min_reward: float | None = None) -> list[dict]:
+    """The best row of each source (the first of tied ones), without sources whose best is below ``min_reward``."""
+    kept = []
+    for group in group_by_source(rows):
+        values = [row_value(r, rank_by) for r in group]
+        best = max(range(len(group)), key=values.__getitem__)  # max returns the first maximal index
+        if min_reward is None or values[best] >= min_reward:
+            kept.append(group[best])
+    return kept
+
+
+# ---------------------------------------------------------------------------- the algorithm
+class BestOfN:
+    """Offline: label n samples per source (or read ``offline.data``), keep the best of each, SFT on them."""
+
+    def __init__(self, cfg: BestOfNConfig, policy: Policy, rewarder: Any, gen: GenerationConfig, accelerator: Any,
+                 total_steps: int):
+        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+
+    def fit(self, ctx: Any) -> None:
+        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
+        cfg, p = self.cfg, self.policy
+        # 1. n labelled samples per source
+        rows = labelled_rows(ctx, p, self.rewarder, self.gen)
+
+        # 2. the best of each source, if good enough
+        kept = select_best(rows, cfg.rank_by, cfg.min_reward)
+        n_sources = len(group_by_source(rows))
+        if not kept:
+            raise MtrlError(f"bon: no source's best row reaches min_reward {cfg.min_reward} "
+                            f"({n_sources} sources); lower algorithm.min_reward")
+        values = [row_value(r, cfg.rank_by) for r in rows]
+        best = [row_value(r, cfg.rank_by) for r in kept]
+        ctx.log(f"mtrl: best-of-n SFT on {len(kept)} of {n_sources} sources ({len(rows)} labelled rows) ...")
+        ctx.log_metrics({"step": 0, "bon_sources": n_sources, "bon_kept": len(kept),
+                         "bon_value_mean": sum(values) / len(values), "bon_best_value_mean": sum(best) / len(best)})
+
+        # 3. cross-entropy on the kept rows, the policy trained in place
+        features = [target_features(r, p) for r in kept]
+        for row in sft(p.model, features, cfg, p.kind, p.tokenizer.pad_token_id, ctx.seed):
+            ctx.log_metrics(row)

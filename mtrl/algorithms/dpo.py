@@ -1,0 +1,230 @@
+"""DPO (Rafailov et al. 2023, arXiv 2305.18290) on pairs from the offline labels: best vs worst of n per source.
+
+The recipe's ``offline:`` section samples n translations per source and labels them (or reads a labelled
+file); each source with two different values gives one pair, its best row chosen (y_w) and its worst
+rejected (y_l), ranked as in :mod:`mtrl.algorithms.bon` (``rank_by``: the return, i.e. the sum of the token
+rewards, which follows ``reward.mode``; or the sentence score). Sources whose rows all tie give no pair.
+The loss, with π_ref a frozen copy of the initial policy and sequence log-probs summed over the target
+tokens::
+
+    m = β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))]
+    L = -(1 - ε) log σ(m) - ε log σ(-m)  +  sft_weight · NLL(y_w)
+
+ε is ``label_smoothing`` (conservative DPO; 0 is plain DPO); the optional NLL term on the chosen rows is
+RPO's (Pang et al. 2024, arXiv 2404.19733), the mean negative log-likelihood per chosen token.
+
+* causal policies: TRL's ``DPOTrainer`` (decoder-only), fed the sampled token ids themselves (a decoded
+  hypothesis re-tokenised can differ from the ids that were rewarded);
+* seq2seq policies: the loss above, written here (:func:`dpo_loss`), in an explicit loop: AdamW at a
+  constant rate, gradients clipped to norm 1, dropout off (TRL's ``disable_dropout``), the forced language
+  token of NLLB-type models not counted (it is not a choice of the policy).
+
+Logged every ``logging_steps``: ``loss``, ``dpo_margin`` (mean m), ``dpo_accuracy`` (share of pairs with
+m > 0), ``dpo_chosen_reward`` and ``dpo_rejected_reward`` (the two β log-ratios; TRL's ``rewards/*``).
+The policy is trained in place; the runner saves ``final/`` and evaluates it with its usual decoding.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from mtrl.algorithms.bon import group_by_source, row_value
+from mtrl.algorithms.offline import (
+    labelled_rows,
+    num_steps,
+    pad_batch,
+    shifted_logits,
+    shuffled_batches,
+    target_features,
+)
+from mtrl.errors import MtrlError
+from mtrl.policy import GenerationConfig, Policy
+from mtrl.schema import Range
+
+
+@dataclass
+class DPOConfig:
+    name: Literal["dpo"] = "dpo"
+    beta: Annotated[float, Range(gt=0)] = 0.1  # strength of the implicit KL to the reference
+    lr: Annotated[float, Range(gt=0)] = 1e-6  # the DPO paper's and TRL's default
+    epochs: Annotated[float, Range(gt=0)] = 1.0
+    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
+    batch_size: Annotated[int, Range(ge=1)] = 8  # pairs per micro-batch
+    grad_accum: Annotated[int, Range(ge=1)] = 1
+    sft_weight: Annotated[float, Range(ge=0)] = 0.0  # RPO: + sft_weight x NLL of the chosen rows
+    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0  # conservative DPO: assumed share of flipped pairs
+    rank_by: Literal["return", "score"] = "return"  # what makes a row the best or the worst of its source
+    logging_steps: Annotated[int, Range(ge=1)] = 10
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("return", "score"):
+            raise MtrlError(f"dpo rank_by: unknown value {self.rank_by!r}; allowed: return, score")
+
+
+# ---------------------------------------------------------------------------- pairs
+def preference_pairs(rows: Sequence[dict], rank_by: str = "return") -> list[tuple[dict, dict]]:
+    """(chosen, rejected) per source: its best and its worst row (first of tied ones); no pair when all tie."""
+    pairs = []
+    for group in group_by_source(rows):
+        values = [row_value(r, rank_by) for r in group]
+        best = max(range(len(group)), key=values.__getitem__)
+        worst = min(range(len(group)), key=values.__getitem__)
+        if values[best] > values[worst]:
+            pairs.append((group[best], group[worst]))
+    return pairs
+
+
+# ---------------------------------------------------------------------------- the maths
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the two implicit rewards β log π/π_ref (detached), from sequence log-probs (B,)."""
+    chosen_logratio = chosen_logps - ref_chosen_logps
+    rejected_logratio = rejected_logps - ref_rejected_logps
+    margin = beta * (chosen_logratio - rejected_logratio)
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's target tokens (B,) and their count (B,); padding, prompt and forced
+    language tokens (label -100) excluded."""
+    logits, targets, mask, _ = shifted_logits(model, batch, kind)
+    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def pair_loss(model: Any, ref_model: Any, batch: dict[str, torch.Tensor], kind: str, cfg: DPOConfig
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of a batch holding the chosen rows, then the rejected rows; and its metrics."""
+    logps, counts = sequence_logprobs(model, batch, kind)
+    with torch.no_grad():
+        ref_logps, _ = sequence_logprobs(ref_model, batch, kind)
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    losses, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                      cfg.label_smoothing)
+    loss = losses.mean()
+    if cfg.sft_weight > 0:  # RPO: mean NLL per chosen token
+        loss = loss + cfg.sft_weight * (-chosen.sum() / counts.chunk(2)[0].sum().clamp(min=1))
+    margin = chosen_reward - rejected_reward
+    return loss, {"loss": float(loss.detach()), "dpo_margin": float(margin.mean()),
+                  "dpo_accuracy": float((margin > 0).float().mean()),
+                  "dpo_chosen_reward": float(chosen_reward.mean()), "dpo_rejected_reward": float(rejected_reward.mean())}
+
+
+# ---------------------------------------------------------------------------- seq2seq: our loop
+def fit_seq2seq(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfig, seed: int = 0
+                ) -> list[dict[str, float]]:
+    """DPO on a seq2seq policy, in place: ``max_steps`` optimizer steps (-1: ``epochs`` passes over the pairs)
+    of ``batch_size`` x ``grad_accum`` pairs, shuffled each epoch. Returns the log rows."""
+    model, kind = policy.model, policy.kind
+    chosen_feats = [target_features(c, policy) for c, _ in pairs]
+    rejected_feats = [target_features(r, policy) for _, r in pairs]
+    total, _ = num_steps(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    device = next(model.parameters()).device
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # π_ref: the initial policy, frozen
+    batches = shuffled_batches(len(pairs), cfg.batch_size, seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    model.eval()  # dropout off: log π and log π_ref of the same rows agree before the first step
+    history, window = [], []
+    for step in range(1, total + 1):
+        for _ in range(cfg.grad_accum):
+            idx = next(batches)
+            batch = pad_batch([chosen_feats[i] for i in idx] + [rejected_feats[i] for i in idx],
+                              policy.tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, metrics = pair_loss(model, ref_model, batch, kind, cfg)
+            (loss / cfg.grad_accum).backward()
+            window.append(metrics)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.logging_steps == 0 or step == total:
+            history.append({"step": step, **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
+                            "lr": cfg.lr})
+            window = []
+    return history
+
+
+# ---------------------------------------------------------------------------- causal: TRL's DPOTrainer
+def fit_causal(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfig, output_dir: str, seed: int,
+               log_metrics: Any, use_cpu: bool, progress: bool = True) -> None:
+    """DPO on a causal policy, in place, with TRL's ``DPOTrainer`` on the sampled token ids."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    class TokenizedDPOTrainer(DPOTrainer):
+        """TRL tokenises text columns itself; ours are already the ids that were sampled and rewarded."""
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            return dataset
+
+    class LogMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "rewards/margins" in logs:
+                log_metrics({"step": state.global_step, "loss": logs.get("loss"),
+                             "dpo_margin": logs["rewards/margins"], "dpo_accuracy": logs["rewards/accuracies"],
+                             "dpo_chosen_reward": logs["rewards/chosen"],
+                             "dpo_rejected_reward": logs["rewards/rejected"], "lr": logs.get("learning_rate")})
+
+    prompts = [policy.encode_sources([c["src"]])[0][0].tolist() for c, _ in pairs]
+    ds = Dataset.from_dict({"prompt_ids": prompts,
+                            "chosen_ids": [[int(t) for t in c["token_ids"]] for c, _ in pairs],
+                            "rejected_ids": [[int(t) for t in r["token_ids"]] for _, r in pairs]})
+    sft = cfg.sft_weight > 0
+    args = TRLConfig(output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
+                     gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="constant",
+                     num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, beta=cfg.beta,
+                     label_smoothing=cfg.label_smoothing, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
+                     loss_weights=[1.0, cfg.sft_weight] if sft else None, max_length=None, max_grad_norm=1.0,
+                     weight_decay=0.0, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
+                     bf16=False, use_cpu=use_cpu, gradient_checkpointing=policy.cfg.gradient_checkpointing,
+                     seed=seed, disable_tqdm=not progress)
+    ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)  # π_ref: the initial policy, frozen
+    trainer = TokenizedDPOTrainer(model=policy.model, ref_model=ref_model, args=args, train_dataset=ds,
+                                  processing_class=policy.tokenizer, callbacks=[LogMetrics()])
+    trainer.train()
+
+
+# ---------------------------------------------------------------------------- the algorithm
+class DPO:
+    """Offline: label n samples per source (or read ``offline.data``), pair best vs worst, DPO against π_ref."""
+
+    def __init__(self, cfg: DPOConfig, policy: Policy, rewarder: Any, gen: GenerationConfig, accelerator: Any,
+                 total_steps: int):
+        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+        self.cpu = accelerator.device.type == "cpu" or not torch.cuda.is_available()
+
+    def fit(self, ctx: Any) -> None:
+        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
+        cfg, p = self.cfg, self.policy
+        # 1. n labelled samples per source
+        rows = labelled_rows(ctx, p, self.rewarder, self.gen)
+
+        # 2. best vs worst of each source
+        pairs = preference_pairs(rows, cfg.rank_by)
+        n_sources = len(group_by_source(rows))
+        if not pairs:
+            raise MtrlError(f"dpo: none of the {n_sources} sources has two rows of different {cfg.rank_by}; "
+                            "sample more per source (offline.samples_per_source >= 2)")
+        gaps = [row_value(c, cfg.rank_by) - row_value(r, cfg.rank_by) for c, r in pairs]
+        ctx.log(f"mtrl: DPO on {len(pairs)} pairs from {n_sources} sources ({len(rows)} labelled rows) ...")
+        ctx.log_metrics({"step": 0, "dpo_pairs": len(pairs), "dpo_sources": n_sources,
+                         "dpo_value_gap_mean": sum(gaps) / len(gaps)})
+
+        # 3. DPO against a frozen copy of the initial policy, the policy trained in place
+        if p.kind == "seq2seq":
+            for row in fit_seq2seq(p, pairs, cfg, ctx.seed):
+                ctx.log_metrics(row)
+        else:
+            fit_causal(p, pairs, cfg, str(ctx.run_dir / "dpo"), ctx.seed, ctx.log_metrics, self.cpu, ctx.progress)
+        p.model.eval()
