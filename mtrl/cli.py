@@ -354,8 +354,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = run(recipe, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # under torchrun / accelerate launch: one table
+    state = PartialState()
+    if state.is_main_process:  # under torchrun / accelerate launch: one table
         print_summary(results, recipe.run_dir)
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a process that exits with gloo's threads still up is aborted
     return 0
 
 

@@ -35,5 +35,8 @@ with torch.no_grad(), full_parameters(model, types.SimpleNamespace(distributed_t
     sharded = model.generate(**enc, max_new_tokens=12, do_sample=False)
 resharded = all(not g.is_unsharded for m in model.modules() if isinstance(m, FSDPModule)
                 for g in m._get_fsdp_state()._fsdp_param_groups)
-print(f"rank {acc.process_index}: same={torch.equal(sharded, unsharded)} groups={groups} "
-      f"gathers={calls['unshard']} tokens={sharded.shape[1] - 1} resharded={resharded}")
+with open(f"rank-{acc.process_index}.txt", "w") as f:  # in the working directory, one file per process
+    f.write(f"rank {acc.process_index}: same={torch.equal(sharded, unsharded)} groups={groups} "
+            f"gathers={calls['unshard']} tokens={sharded.shape[1] - 1} resharded={resharded}")
+acc.wait_for_everyone()
+acc.state.destroy_process_group()  # exit cleanly: gloo aborts a process that leaves with its threads up

@@ -99,6 +99,8 @@ try:
     check_in_sync(model, acc)
 except MtrlError as e:
     open(f"caught-{acc.process_index}.txt", "w").write(str(e))
+acc.wait_for_everyone()
+acc.state.destroy_process_group()
 """
 
 
@@ -113,15 +115,14 @@ def test_check_in_sync_catches_processes_that_drifted(tmp_path: Path) -> None:
         assert (tmp_path / f"caught-{rank}.txt").read_text().startswith("the processes ended with different weights")
 
 
-def test_sharded_parameters_are_gathered_once_per_rollout_not_per_token() -> None:
+def test_sharded_parameters_are_gathered_once_per_rollout_not_per_token(tmp_path: Path) -> None:
     """FSDP2 (``fully_shard``) on CPU: accelerate's FSDP configs are for GPUs, so the probe shards the shipped
     tiny Marian itself and samples under :func:`mtrl.algorithms.common.full_parameters`."""
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(32500 + os.getpid() % 1000), "tests/fsdp_probe.py"], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=120)
+                          str(32500 + os.getpid() % 1000), str(ROOT / "tests" / "fsdp_probe.py")], cwd=tmp_path,
+                         env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
-    assert len(lines) == 2
+    lines = [(tmp_path / f"rank-{rank}.txt").read_text() for rank in (0, 1)]  # one file each: no interleaving
     for line in lines:
         fields = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
         assert fields["same"] == "True"  # the sharded model samples what the whole one does
