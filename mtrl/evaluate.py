@@ -51,13 +51,10 @@ def translate(policy: Any, sources: Sequence[str], gen: Any) -> list[str]:
 
 
 def score_translations(sources: Sequence[str], hyps: Sequence[str], refs: Sequence[str],
-                       detect: Any) -> dict[str, Any]:
-    """Corpus BLEU/chrF/TER (sacrebleu, with signatures) and the detector's mean score and spans per segment.
-
-    ``detect``: (sources, hypotheses, references) -> detections, e.g. a rewarder's cached ``detect``.
-    """
+                       detections: Sequence[Any]) -> dict[str, Any]:
+    """Corpus BLEU/chrF/TER (sacrebleu, with signatures) and the detections' mean score and spans per segment."""
     result: dict[str, Any] = corpus_metrics(hyps, refs)
-    score, per_segment = detection_means(detect(list(sources), list(hyps), list(refs)))
+    score, per_segment = detection_means(detections)
     result["detector_score"] = score
     result.update({f"spans_{sev}_per_segment": v for sev, v in per_segment.items()})
     result["examples"] = [{"src": s, "hyp": h, "ref": r} for s, h, r in list(zip(sources, hyps, refs))[:3]]

@@ -70,6 +70,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def process_seed(seed: int, rank: int) -> int:
+    """The sampling seed of process ``rank`` under data parallelism (its own stream)."""
+    return seed + 100_003 * rank
+
+
 def initial_model(recipe: Recipe, run_dir: Path, quiet: bool) -> str:
     """The weights RL starts from: a supervised warm start trained here (cached), or ``policy.model``."""
     if recipe.policy.model == "warmstart":
@@ -175,7 +180,7 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
             raise MtrlError(f"algorithm {recipe.algorithm.name} runs in one process; launch it with "
                             "`mtrl train`, not torchrun or accelerate launch")
         if n_proc > 1:  # each process samples from its own stream
-            seed_everything(recipe.seed + 100_003 * rank)
+            seed_everything(process_seed(recipe.seed, rank))
         prior = read_prior(recipe, run_dir, "cpu", quiet) if resume else Prior()
         ckpt, start_step, results = prior.checkpoint, prior.step, prior.results
         elapsed = lambda: prior.wall_time_s + (time.perf_counter() - t_start)  # noqa: E731
@@ -198,13 +203,12 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
             mine = list(range(rank, len(eval_pairs), n_proc))
             src, ref = [eval_pairs[i][0] for i in mine], [eval_pairs[i][1] for i in mine]
             hyps = translate_fn(src)
-            shares = gather_object([(mine, hyps, eval_detect(src, hyps, ref))])
-            order = [i for idx, _, _ in shares for i in idx]
-            hyp_all = dict(zip(order, (h for _, hs, _ in shares for h in hs)))
-            det_all = dict(zip(order, (d for _, _, ds in shares for d in ds)))
+            hyps_all, dets_all = [""] * len(eval_pairs), [None] * len(eval_pairs)
+            for idx, hs, ds in gather_object([(mine, hyps, eval_detect(src, hyps, ref))]):
+                for i, h, d in zip(idx, hs, ds, strict=True):
+                    hyps_all[i], dets_all[i] = h, d
             sources, refs = [p[0] for p in eval_pairs], [p[1] for p in eval_pairs]
-            hyps_all = [hyp_all[i] for i in range(len(eval_pairs))]
-            out = score_translations(sources, hyps_all, refs, lambda *a: [det_all[i] for i in range(len(eval_pairs))])
+            out = score_translations(sources, hyps_all, refs, dets_all)
             if recipe.evaluation.comet and comet and main:
                 out["comet"] = comet_scores(recipe.evaluation.comet, sources, hyps_all, refs)
             set_rng_state(rng)
@@ -219,14 +223,13 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
                 write_json(results_path, results)
         if ckpt:
             apply_checkpoint(ckpt, policy, algo)
-            per_process = ckpt.state.get("rng_per_process")
-            if n_proc > 1 and per_process and len(per_process) == n_proc:
-                set_rng_state(per_process[rank])
-            elif n_proc > 1 or (per_process and len(per_process) != n_proc):
-                log(f"mtrl: warning: resumed with {n_proc} processes where the checkpoint has "
-                    f"{len(per_process or [0])}; sampling continues from new RNG streams")
-                if n_proc > 1:
-                    seed_everything(recipe.seed + 100_003 * rank + start_step)
+            saved = ckpt.state.get("rng_per_process") or [ckpt.state["rng"]]  # one per process of the run
+            if len(saved) == n_proc:
+                set_rng_state(saved[rank])
+            else:
+                log(f"mtrl: warning: resumed with {n_proc} processes where the checkpoint has {len(saved)}; "
+                    "sampling continues from new RNG streams")
+                seed_everything(process_seed(recipe.seed, rank) + start_step)
             if main:
                 print(f"mtrl: resumed from {ckpt.path} (step {start_step})", file=sys.stderr)  # even with --quiet
 

@@ -46,7 +46,7 @@ def test_select_best_per_source_ties_and_threshold():
     assert mts(select_best(ROWS, min_reward=-2.0)) == ["a2", "b1"]  # >= keeps the threshold itself
     assert mts(select_best(ROWS, rank_by="score")) == ["a1", "b1", "c2", "d1"]
     assert select_best(ROWS, min_reward=1.0) == []
-    with pytest.raises(MtrlError, match="rank_by 'score' needs a 'score'"):
+    with pytest.raises(MtrlError, match="by 'score' needs a 'score' in every labelled row"):
         select_best([row("a", "x", [0.0])], rank_by="score")
 
 

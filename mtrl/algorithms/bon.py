@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from mtrl.algorithms.offline import labelled_rows, sft, target_features
+from mtrl.algorithms.offline import group_by_source, labelled_rows, row_value, sft, target_features
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, Policy
 from mtrl.schema import Range
@@ -49,23 +49,6 @@ class BestOfNConfig:
 
 
 # ---------------------------------------------------------------------------- selection
-def row_value(row: dict, rank_by: str) -> float:
-    """What ranks a row: its return (the sum of its token rewards) or its sentence score."""
-    if rank_by == "score":
-        if row.get("score") is None:
-            raise MtrlError("rank_by 'score' needs a 'score' in every labelled row")
-        return float(row["score"])
-    return float(sum(row["token_rewards"]))
-
-
-def group_by_source(rows: Sequence[dict]) -> list[list[dict]]:
-    """The rows of each source, sources in order of first appearance, rows in their own order."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["src"], []).append(row)
-    return list(groups.values())
-
-
 def select_best(rows: Sequence[dict], rank_by: str = "return", min_reward: float | None = None) -> list[dict]:
     """The best row of each source (the first of tied ones), without sources whose best is below ``min_reward``."""
     kept = []

@@ -34,11 +34,12 @@ from typing import Annotated, Any, Literal
 import torch
 import torch.nn.functional as F
 
-from mtrl.algorithms.bon import group_by_source, row_value
 from mtrl.algorithms.offline import (
+    group_by_source,
     labelled_rows,
     num_steps,
     pad_batch,
+    row_value,
     shifted_logits,
     shuffled_batches,
     target_features,

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mtrl.errors import MtrlError
+
 
 def labelled_rows(ctx: Any, policy: Any, rewarder: Any, gen: Any, **kwargs: Any) -> list[dict]:
     """The run's offline rows (:func:`mtrl.label.offline_rows`): the policy's samples labelled by the rewarder,
@@ -33,6 +35,24 @@ def labelled_rows(ctx: Any, policy: Any, rewarder: Any, gen: Any, **kwargs: Any)
                         policy_config=policy.cfg, src_lang=policy.src_lang, tgt_lang=policy.tgt_lang,
                         max_new_tokens=gen.max_new_tokens, seed=ctx.seed, log=ctx.log, progress=ctx.progress,
                         **kwargs)
+
+
+def row_value(row: dict, by: str) -> float:
+    """A labelled row's value: its return (``"return"``: the sum of its token rewards, which follow
+    ``reward.mode``) or its sentence score (``"score"``)."""
+    if by == "score":
+        if row.get("score") is None:
+            raise MtrlError("ranking rows by 'score' needs a 'score' in every labelled row")
+        return float(row["score"])
+    return float(sum(row["token_rewards"]))
+
+
+def group_by_source(rows: Sequence[dict]) -> list[list[dict]]:
+    """The rows of each source, sources in order of first appearance, rows in their own order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["src"], []).append(row)
+    return list(groups.values())
 
 
 def target_features(row: dict, policy: Any) -> dict[str, list[int]]:

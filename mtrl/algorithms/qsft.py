@@ -80,6 +80,7 @@ from mtrl.algorithms.offline import (
     labelled_rows,
     num_steps,
     pad_batch,
+    row_value,
     shifted_logits,
     shuffled_batches,
     target_features,
@@ -188,20 +189,11 @@ def combine_logprobs(behaviour_logits: torch.Tensor, q_logits: torch.Tensor, bet
     return F.log_softmax(behaviour_logits.float(), -1) + beta * F.log_softmax(q_logits.float(), -1)
 
 
-def row_return(row: dict, level: str) -> float:
-    """A row's return before rescaling: its score (sentence level) or the sum of its token rewards."""
-    if level == "sentence":
-        if row.get("score") is None:
-            raise MtrlError("qsft: reward_level 'sentence' needs a 'score' in every row")
-        return float(row["score"])
-    return float(sum(row["token_rewards"]))
-
-
 def resolve_return_range(rows: Sequence[dict], cfg: QSFTConfig) -> tuple[float, float]:
     """``cfg.return_range``, or the lowest and highest return in the rows."""
     if cfg.return_range is not None:
         return float(cfg.return_range[0]), float(cfg.return_range[1])
-    returns = [row_return(r, cfg.reward_level) for r in rows]
+    returns = [row_value(r, "score" if cfg.reward_level == "sentence" else "return") for r in rows]
     lo, hi = min(returns), max(returns)
     return lo, (hi if hi > lo else lo + 1.0)
 

@@ -90,6 +90,8 @@ class Reinforce(OptimizerState):
         self.optimizer, self.scheduler = make_optimizer([{"params": params}], cfg, total_steps)
         # the scheduler is not prepared: accelerate would step it once per process
         self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
+        # half/mixed precision: old log-probs from the update's own forward (see collect_rollout)
+        self.recompute = self.model if half_precision(policy, accelerator) else None
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
@@ -99,7 +101,7 @@ class Reinforce(OptimizerState):
         with full_parameters(self.model, self.accelerator):
             ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
                                  self.cfg.samples_per_prompt, with_values=False,
-                                 recompute=self.model if half_precision(self.policy, self.accelerator) else None)
+                                 recompute=self.recompute)
         # 2. KL shaping
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
