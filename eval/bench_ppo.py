@@ -20,9 +20,7 @@ Prints ``name: value`` lines:
   5,000-token BPE vocabulary trained on Multi30k (the quickstart's vocabulary size); the same figures
   for the causal test model itself (a 700-token vocabulary, where sampling costs little) carry the
   suffix ``_vocab<N>``. PPO steps are timed before and after the GRPO run and pooled. GRPO gets the
-  model as a TRL user loads it (transformers' SDPA masks); mtrl's loader switches causal models to
-  masks built by broadcasting (``mtrl/attention.py``), so ``trl_grpo_step_with_mtrl_masks_s`` and
-  ``ppo_step_vs_trl_grpo_step_with_mtrl_masks`` give GRPO that too: the comparison without it.
+  model as a TRL user loads it.
 
 Usage: python eval/bench_ppo.py [--repeats 5] [--threads 2]
 """
@@ -39,10 +37,9 @@ import torch
 from transformers import AutoConfig
 
 from mtrl.algorithms.ppo import PPO, PPOConfig
-from mtrl.attention import use_broadcast_masks
 from mtrl.datasets import load_parallel
 from mtrl.detectors import load_detector
-from mtrl.policy import GenerationConfig, PolicyConfig, ReferencePolicy, build_policy
+from mtrl.policy import GenerationConfig, PolicyConfig, ReferencePolicy, build_policy, trainer_checkpointing
 from mtrl.rewards import RewardConfig, Rewarder
 from mtrl.rollout import collect_rollout
 from mtrl.tiny import build_tiny_causal, build_tiny_seq2seq
@@ -126,12 +123,10 @@ def bench_r3hf(model_dir: Path, pairs, repeats: int, batch: int = 32, new_tokens
     return {"ppo_step_token_s": t_token, "ppo_step_r3hf_s": t_r3hf, "r3hf_vs_token_step": t_r3hf / t_token}
 
 
-def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24,
-                    broadcast_masks: bool = False) -> list[float]:
+def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens: int = 24) -> list[float]:
     """Seconds of each TRL GRPOTrainer step after the first (2 distinct prompts x 4 generations per step).
 
-    The model is loaded as a TRL user loads it (``from_pretrained``: transformers' SDPA masks);
-    ``broadcast_masks`` switches it to mtrl's (``mtrl/attention.py``), as mtrl's own loader does.
+    The model is loaded as a TRL user loads it (``from_pretrained``).
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -158,14 +153,12 @@ def grpo_step_times(model_dir: Path, pairs, repeats: int, n: int = 8, new_tokens
             step_times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = GRPOConfig(output_dir=out, bf16=False, use_cpu=True, gradient_checkpointing=False,
+        cfg = GRPOConfig(output_dir=out, bf16=False, use_cpu=True, **trainer_checkpointing(False),
                          per_device_train_batch_size=n, num_generations=4, max_completion_length=new_tokens,
                          max_steps=repeats + 1, report_to="none", save_strategy="no", logging_steps=1,
                          learning_rate=1e-5, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
                          generation_kwargs={"min_new_tokens": new_tokens}, disable_tqdm=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        if broadcast_masks:
-            use_broadcast_masks(model)
         trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, train_dataset=ds,
                               processing_class=policy.tokenizer)
         trainer.add_callback(Timer())
@@ -194,14 +187,11 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
     """PPO steps timed before and after the GRPO runs and pooled, so that neither order is favoured."""
     ppo_times = ppo_step_times(model_dir, pairs, repeats)
     grpo_times = grpo_step_times(model_dir, pairs, repeats)
-    grpo_ours = grpo_step_times(model_dir, pairs, repeats, broadcast_masks=True)
     ppo_after = ppo_step_times(model_dir, pairs, repeats)
     t_ppo, t_grpo = statistics.median(ppo_times + ppo_after), statistics.median(grpo_times)
     return {"ppo_step_s": t_ppo, "ppo_step_first_s": statistics.median(ppo_times),
             "ppo_step_after_grpo_s": statistics.median(ppo_after), "trl_grpo_step_s": t_grpo,
-            "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo,
-            "trl_grpo_step_with_mtrl_masks_s": statistics.median(grpo_ours),
-            "ppo_step_vs_trl_grpo_step_with_mtrl_masks": t_ppo / statistics.median(grpo_ours)}
+            "ppo_step_vs_trl_grpo_step": t_ppo / t_grpo}
 
 
 def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:

@@ -10,7 +10,7 @@ checkpoint written):
   language codes as forced BOS; full fine-tuning;
 * ``qwen``: Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads / 2 KV heads, intermediate 8960, vocabulary
   151,936, tied embeddings; with LoRA (mtrl's default ``PolicyConfig.lora``: r 8, all linear layers);
-* the detector, once, shared by all three: comet's ``XCOMETMetric`` on XLM-R-XL dimensions (hidden 2560,
+* the detector, once, shared by all three: mtrl's xCOMET (:mod:`mtrl.comet`) on XLM-R-XL dimensions (hidden 2560,
   36 layers, 32 heads, intermediate 10240, vocabulary 250,880; 3.5B parameters), built directly on its
   device in bf16 (a CPU init in fp32 would take minutes) and wrapped by ``XCometDetector.from_model``.
 
@@ -70,7 +70,6 @@ import argparse
 import copy
 import gc
 import resource
-import shutil
 import statistics
 import tempfile
 import time
@@ -84,7 +83,6 @@ import torch
 from torch import nn
 
 from mtrl.algorithms import PPOConfig, build_algorithm
-from mtrl.attention import use_broadcast_masks
 from mtrl.datasets import load_pairs
 from mtrl.detectors.xcomet import XCometDetector
 from mtrl.policy import GenerationConfig, LoraConfig, Policy, PolicyConfig, apply_lora
@@ -189,9 +187,6 @@ def build_policy(name: str, tiny: bool, max_new_tokens: int, device: torch.devic
     torch.manual_seed(0)
     with built_on(device, dtype):
         model = getattr(transformers, spec.model_class)(spec.config(tok, vocab, tiny))  # rotary freqs stay fp32
-    # as mtrl.policy.load_model_and_tokenizer does after loading
-    if spec.kind == "causal":
-        use_broadcast_masks(model)
     tok.model_input_names = ["input_ids", "attention_mask"]
     # sample only ids the tokenizer can decode, and every row to max_new_tokens (see the module docstring)
     gc_ = model.generation_config
@@ -211,22 +206,23 @@ def build_policy(name: str, tiny: bool, max_new_tokens: int, device: torch.devic
 def build_detector(tmp: Path, tiny: bool, device: torch.device, dtype: torch.dtype, batch_size: int) -> Any:
     """xCOMET with random weights, built in memory: XLM-R-XL dimensions (or the tiny xCOMET's with ``tiny``),
     the tiny xCOMET's tokenizer. Only the tiny encoder's files are written (its checkpoint is a few hundred KB)."""
-    from comet.models import str2model
-    from transformers import XLMRobertaXLConfig
+    from transformers import AutoConfig, XLMRobertaXLConfig
+
+    from mtrl.comet import UnifiedMetric
+    from mtrl.comet.checkpoint import load_tokenizer
+    from mtrl.comet.encoder import CometEncoder
 
     encoder = build_tiny_xcomet(tmp / "tiny-xcomet", train_steps=0).parents[1] / ENCODER_DIR
-    hparams: dict[str, Any] = dict(pretrained_model=str(encoder), load_pretrained_weights=False,
-                                   local_files_only=True)
     if tiny:
-        hparams.update(hidden_sizes=[64, 32], word_layer=2)  # the tiny encoder has 2 layers
-    else:  # comet's XCOMETMetric defaults are XCOMET-XL's head (hidden_sizes 2560/1280, word_layer 36)
-        xl = tmp / "xlmr-xl"
-        shutil.copytree(encoder, xl)
-        XLMRobertaXLConfig(**XLMR_XL, pad_token_id=1, bos_token_id=0, eos_token_id=2).save_pretrained(xl)
-        hparams["pretrained_model"] = str(xl)
+        config = AutoConfig.from_pretrained(encoder)
+        hparams: dict[str, Any] = dict(hidden_sizes=[64, 32], word_layer=2)  # the tiny encoder has 2 layers
+    else:  # XCOMETMetric's defaults are XCOMET-XL's head (hidden_sizes 2560/1280, word_layer 36)
+        config = XLMRobertaXLConfig(**XLMR_XL, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        hparams = {}
     torch.manual_seed(0)
     with built_on(device, dtype):
-        model = str2model["xcomet_metric"](**hparams)
+        model = UnifiedMetric(CometEncoder("XLM-RoBERTa-XL", config, load_tokenizer(str(encoder))), hparams,
+                              xcomet=True)
     return XCometDetector.from_model(model, device=str(device), dtype="fp32" if dtype == torch.float32 else "bf16",
                                      batch_size=batch_size, use_reference=False, name="xcomet (random weights)")
 

@@ -251,9 +251,13 @@ def _byte_walk(pieces: list, comp: list[int], special: frozenset[int], text: str
 
 
 def _decode_many(tokenizer: Any, seqs: list[list[int]], cleanup: bool, plain: bool) -> list[str]:
-    if plain:
-        texts = tokenizer.backend_tokenizer.decode_batch(seqs, skip_special_tokens=True)
-        return [tokenizer.clean_up_tokenization(t) for t in texts] if cleanup else texts
+    """``tokenizer.decode`` of each sequence (without clean-up: a plain fast tokenizer's backend, batched).
+
+    With clean-up it is always ``decode`` itself: whether it cleans up is the tokenizer's call
+    (transformers skips it for BPE models, where it would strip spaces before punctuation).
+    """
+    if plain and not cleanup:
+        return tokenizer.backend_tokenizer.decode_batch(seqs, skip_special_tokens=True)
     return [
         tokenizer.decode(s, skip_special_tokens=True, clean_up_tokenization_spaces=cleanup) for s in seqs
     ]
@@ -350,7 +354,7 @@ def batch_token_offsets(
     comps = [s[c:] for s, c in zip(seqs, starts, strict=False)]
     if tables is not None:
         raws = tables.backend.decode_batch(comps, skip_special_tokens=True)
-        texts = [tokenizer.clean_up_tokenization(t) for t in raws] if clean_up_tokenization_spaces else raws
+        texts = _decode_many(tokenizer, comps, True, True) if clean_up_tokenization_spaces else raws
     else:
         raws = [None] * len(seqs)
         texts = _decode_many(tokenizer, comps, clean_up_tokenization_spaces, False)
@@ -381,7 +385,7 @@ def uses_fast_path(
         return False
     comp = ids[cs:]
     raw = tables.backend.decode_batch([comp], skip_special_tokens=True)[0]
-    text = tokenizer.clean_up_tokenization(raw) if clean_up_tokenization_spaces else raw
+    text = _decode_many(tokenizer, [comp], True, True)[0] if clean_up_tokenization_spaces else raw
     return raw == text and _fast_offsets(tables, comp, text) is not None
 
 

@@ -172,13 +172,9 @@ def comet_unavailable(model: str | None) -> str | None:
     if not model:
         return "no COMET checkpoint given (evaluation.comet in the bench file)"
     try:
-        import comet  # noqa: F401
-
-        from mtrl.detectors.xcomet import resolve_checkpoint
+        from mtrl.comet import resolve_checkpoint
 
         resolve_checkpoint(model)
-    except ImportError as e:
-        return f"unbabel-comet is not installed ({e})"
     except MtrlError as e:
         return str(e)
     return None

@@ -134,6 +134,21 @@ def reward_from_args(args: argparse.Namespace) -> Any:
     return RewardConfig.from_dict(cfg)
 
 
+def placement_from_args(args: argparse.Namespace, detector: str) -> dict[str, str]:
+    """``--device``/``--dtype`` as detector settings, checked before anything loads (xcomet only)."""
+    from mtrl.comet import check_device, check_dtype
+
+    given = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k, None) is not None}
+    if given and detector != "xcomet":
+        raise MtrlError(f"{', '.join('--' + k for k in given)}: only the xcomet detector runs a model "
+                        f"(the detector is {detector})")
+    if "device" in given:
+        check_device(given["device"], "--device")
+    if "dtype" in given:
+        check_dtype(given["dtype"], "--dtype")
+    return given
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from mtrl.detectors import DetectorConfig
     from mtrl.detectors.gold import parse_spans
@@ -158,10 +173,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.detector or args.model:
             raise MtrlError("--recipe sets the detector; drop --detector/--model")
         det_cfg, reward = recipe.detector, recipe.reward
+        for key, value in placement_from_args(args, det_cfg.name).items():  # where, not what: results unchanged
+            setattr(det_cfg, key, value)
         tok_name = args.tokenizer or recipe.policy.tokenizer or _recipe_model(recipe)
     else:
         det_cfg = DetectorConfig(name=args.detector or "reference", model=args.model, batch_size=args.batch_size,
-                                 use_reference=True)
+                                 use_reference=True, **placement_from_args(args, args.detector or "reference"))
         tok_name = args.tokenizer
     tokenizer = load_tokenizer(tok_name) if tok_name else None
     needs_detector = gold is None and reward.uses_detector
@@ -255,12 +272,14 @@ def add_score_parser(sub: Any) -> None:
     p.add_argument("--recipe", help="take the detector, the reward and the tokenizer from this training recipe: "
                                     "the token rewards it trains on")
     p.add_argument("--detector", choices=DETECTORS,
-                   help="reference: embedded, needs references (default); xcomet: unbabel-comet model; "
+                   help="reference: embedded, needs references (default); xcomet: an xCOMET model; "
                         "gold: spans given in --input")
     p.add_argument("--model", help="xCOMET hub id or local checkpoint (default Unbabel/XCOMET-XL)")
     p.add_argument("--tokenizer", help="hub id or local path: write per-token rewards for this tokenizer")
     add_reward_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet), >= 1")
+    p.add_argument("--device", help="xcomet: auto (this process's GPU, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", help="xcomet: auto (fp16 on a GPU, fp32 on the CPU), fp32, fp16 or bf16")
     p.add_argument("--output", help="output file (written atomically); stdout when absent")
     p.add_argument("--format", choices=("jsonl", "pretty"), default="jsonl")
     p.add_argument("--progress", action="store_true", help="always show the progress bar")
@@ -286,6 +305,7 @@ def cmd_label(args: argparse.Namespace) -> int:
                                                              for x in (".partial", ".samples.jsonl"))):
         check_writable(path, "--output")
     reward = reward_from_args(args)
+    placement = placement_from_args(args, args.detector)
     if args.policy:
         from mtrl.datasets import load_pairs
 
@@ -303,7 +323,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
         tok_name = resolve_model(tok_name)
     detector = DetectorConfig(name=args.detector, model=args.model, batch_size=args.batch_size,
-                              use_reference=True).build()
+                              use_reference=True, **placement).build()
     rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None)
     counts = label(rows, output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
     if args.policy:  # the labels are complete: the sampled rows are in OUTPUT now
@@ -336,6 +356,8 @@ def add_label_parser(sub: Any) -> None:
     p.add_argument("--tokenizer", help="write token_ids/token_rewards for this tokenizer (default: --policy's)")
     add_reward_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet), >= 1")
+    p.add_argument("--device", help="xcomet: auto (this process's GPU, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", help="xcomet: auto (fp16 on a GPU, fp32 on the CPU), fp32, fp16 or bf16")
     p.add_argument("--max-tokens", type=int, default=256, help="longer hypotheses are rejected, >= 1 (default 256)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_label)
@@ -521,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *unknown]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "quiet", False):  # transformers' own bars too (loading and saving weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return exit_status(args.func, args)
     except BrokenPipeError:

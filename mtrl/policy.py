@@ -94,20 +94,32 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
         config = AutoConfig.from_pretrained(name)
         kind = detect_kind(config) if kind == "auto" else kind
         cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-        model = cls.from_pretrained(name, dtype=torch_dtype)
+        model = cls.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
         tok = AutoTokenizer.from_pretrained(tokenizer or name)
     except OSError as e:
         raise MtrlError(f"cannot load model {name!r}: {one_line(e)} "
                         "(offline? give a local directory saved with save_pretrained)") from None
-    if kind == "causal":  # padded batches: an attention mask without transformers' per-step vmap
-        from mtrl.attention import use_broadcast_masks
-
-        use_broadcast_masks(model)
+    _refreeze(model, cls, config)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids (Marian rejects them)
     return model, tok, kind
+
+
+def _refreeze(model: Any, cls: Any, config: Any) -> None:
+    """Freeze again what the architecture keeps fixed (Marian's and Pegasus' sinusoidal position tables).
+
+    ``from_pretrained`` (transformers 5) makes every parameter it loads or initialises trainable.
+    Trained, Marian's tables would be lost on save (``save_pretrained`` leaves them out, loading
+    rebuilds them), and where the model computes them without grad, DDP would wait for a gradient
+    that never comes. A model of the same class built on the meta device (no memory, no weights)
+    says which parameters those are.
+    """
+    with torch.device("meta"):
+        fixed = {name for name, p in cls.from_config(config).named_parameters() if not p.requires_grad}
+    for name, p in model.named_parameters():
+        if name in fixed:
+            p.requires_grad_(False)
 
 
 class Policy(nn.Module):
@@ -164,9 +176,20 @@ class Policy(nn.Module):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     # ------------------------------------------------------------------ sampling
-    def _generate_kwargs(self, gen: GenerationConfig, sample: bool, on_token: Any = None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.eos_token_id, use_cache=True)
+    def length_kwargs(self, queries: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+        """``generate``'s limit of ``max_new_tokens`` response tokens, as its one ``max_length``.
+
+        ``max_length`` counts the prefix that ``generate`` starts from (see :meth:`_responses`). Given
+        as ``max_new_tokens``, the limit would meet the ``max_length`` that translation models'
+        generation configs carry (opus-mt's, NLLB's), and transformers warns about the pair at every
+        call; ``max_new_tokens=None`` keeps a generation config's own ``max_new_tokens`` out of it too.
+        """
+        return dict(max_length=self._prefix_length(queries) + max_new_tokens, max_new_tokens=None)
+
+    def _generate_kwargs(self, gen: GenerationConfig, queries: torch.Tensor, sample: bool,
+                         on_token: Any = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(**self.length_kwargs(queries, gen.max_new_tokens), use_cache=True,
+                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id)
         if sample:  # multinomial sampling by inverse CDF (mtrl.sampling: ~25x cheaper on a CPU)
             kwargs.update(sampling_kwargs(gen.temperature, gen.top_k, gen.top_p, on_token))
         else:
@@ -175,14 +198,19 @@ class Policy(nn.Module):
             kwargs["forced_bos_token_id"] = self.forced_bos_token_id
         return kwargs
 
+    def _prefix_length(self, queries: torch.Tensor) -> int:
+        """Tokens before the response in ``generate``'s output: the decoder start token, or the prompt."""
+        return 1 if self.kind == "seq2seq" else queries.shape[1]
+
     def _responses(self, sequences: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return sequences[:, 1:] if self.kind == "seq2seq" else sequences[:, queries.shape[1]:]
+        return sequences[:, self._prefix_length(queries):]
 
     @torch.no_grad()
     def generate(self, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationConfig,
                  sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Responses (B, T) and their mask: 1 up to and including the first EOS."""
-        out = self.model.generate(input_ids=queries, attention_mask=query_mask, **self._generate_kwargs(gen, sample))
+        out = self.model.generate(input_ids=queries, attention_mask=query_mask,
+                                  **self._generate_kwargs(gen, queries, sample))
         responses = self._responses(out, queries)
         return responses, self.response_mask(responses)
 
@@ -200,7 +228,8 @@ class Policy(nn.Module):
         recorder = _StepRecorder(self.model, gen.temperature, self.value_head if with_values else None)
         with recorder:
             out = self.model.generate(input_ids=queries, attention_mask=query_mask,
-                                      **self._generate_kwargs(gen, sample=True, on_token=recorder.take))
+                                      **self._generate_kwargs(gen, queries, sample=True,
+                                                               on_token=recorder.take))
         responses = self._responses(out, queries)
         logprobs = torch.stack(recorder.logprobs, dim=1)[:, : responses.shape[1]]
         values = torch.stack(recorder.values, dim=1)[:, : responses.shape[1]] if with_values else None
@@ -342,11 +371,23 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def trainer_checkpointing(enabled: bool) -> dict[str, bool]:
+    """TRL/transformers ``TrainingArguments``' activation-checkpointing switch under the name this transformers
+    has: ``activation_checkpointing`` from 5.23, ``gradient_checkpointing`` before (5.19 is the newest that
+    vLLM's CPU build accepts)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    new = any(f.name == "activation_checkpointing" for f in fields(TrainingArguments))
+    return {"activation_checkpointing" if new else "gradient_checkpointing": enabled}
+
+
 def build_policy(cfg: PolicyConfig, model_path: str, src_lang: str, tgt_lang: str) -> Policy:
     model, tok, kind = load_model_and_tokenizer(resolve_model(model_path), cfg.kind, cfg.tokenizer, cfg.dtype)
     if cfg.lora is not None:
         model = apply_lora(model, kind, cfg.lora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.eval()  # no dropout: rollout and update log-probs must agree
     return Policy(model, tok, kind, cfg, src_lang, tgt_lang)

@@ -155,6 +155,10 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
                               mixed_precision=recipe.train.mixed_precision)
     main, n_proc, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     quiet = quiet or not main
+    if quiet:  # transformers' own bars too (loading and saving weights): a quiet run, or not the main process
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     run_dir = Path(recipe.run_dir)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     check_run_dir(run_dir, resume, overwrite)  # every process reads; none writes before the barrier below

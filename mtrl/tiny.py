@@ -12,7 +12,7 @@ translate nothing useful; the offline quickstart's actual translation model is t
 Everything here is deterministic for a given ``seed``, and all training text comes from the
 Multi30k copy shipped in the package (:func:`mtrl.datasets.load_parallel`, ``"multi30k"``),
 so a clone without any other data builds the same models. Heavy libraries (tokenizers,
-transformers, torch, comet) are imported inside the functions, so ``import mtrl.tiny`` is cheap.
+transformers, torch) are imported inside the functions, so ``import mtrl.tiny`` is cheap.
 
 Tokenizers (:func:`get_tokenizer`), each mimicking a real family closely enough to exercise
 its decoder (see :mod:`mtrl.alignment`):
@@ -286,7 +286,7 @@ ENCODER_DIR = "encoder"  # relative to the model directory
 def _build_xlmr_tokenizer(texts: list[str], enc_dir: Path, vocab_size: int):
     """A fast XLM-R-style tokenizer (Unigram + Metaspace, XLM-R special-token ids), saved to ``enc_dir``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import XLMRobertaTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in XLM-R; <mask> is added last
     tok = Tokenizer(models.Unigram())
@@ -303,7 +303,7 @@ def _build_xlmr_tokenizer(texts: list[str], enc_dir: Path, vocab_size: int):
         pair="<s> $A </s> </s> $B </s>",  # XLM-R puts two separators between segments
         special_tokens=[("<s>", bos), ("</s>", eos)],
     )
-    fast = XLMRobertaTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
         unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
     )
@@ -312,56 +312,59 @@ def _build_xlmr_tokenizer(texts: list[str], enc_dir: Path, vocab_size: int):
 
 
 def _training_batches(model, pairs: list[tuple[str, str]], rng: random.Random, batch_size: int
-                      ) -> Iterator[tuple[tuple[dict, ...], torch.Tensor, torch.Tensor]]:
-    """Endless batches with ERROR_WORD inserted into half of the hypotheses.
-
-    comet 2.2.7's own ``prepare_sample`` never passes span annotations (every label is
-    "O"), so the annotated MT is tokenized here and concatenated the comet way.
-    """
+                      ) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]]:
+    """Endless batches with ERROR_WORD inserted into half of the hypotheses: the three xCOMET inputs
+    ([mt; src], [mt; ref], [mt; src; ref]), the hypothesis' subword tags (-1 past its end) and scores."""
     import torch
 
+    label = model.labels.index(ERROR_SEVERITY)
+    encoder = model.encoder
     while True:
         chosen = rng.sample(pairs, batch_size)
-        src, mt, ref, annotations, scores = [], [], [], [], []
+        src, mt, ref, spans, scores = [], [], [], [], []
         for i, (en, de) in enumerate(chosen):
-            words, anno, score = de.split(), [], 0.9
+            words, span, score = de.split(), None, 0.9
             if i % 2 == 0 and len(words) >= 3:
                 k = rng.randrange(1, len(words) - 1)  # never last: comet drops a span that ends the MT
                 start = len(" ".join(words[:k])) + 1
                 words.insert(k, ERROR_WORD)
-                anno, score = [{"start": start, "end": start + len(ERROR_WORD), "severity": ERROR_SEVERITY}], 0.3
+                span, score = (start, start + len(ERROR_WORD)), 0.3
             src.append(en)
             mt.append(" ".join(words))
             ref.append(de)
-            annotations.append(anno)
+            spans.append(span)
             scores.append(score)
-        seqs = [model.encoder.prepare_sample(mt, True, annotations),
-                model.encoder.prepare_sample(src), model.encoder.prepare_sample(ref)]
-        inputs = model.concat_inputs(seqs, unified_input=True)["inputs"]  # [mt;src], [mt;ref], [mt;src;ref]
-        labels = seqs[0]["label_ids"]
+        seqs = {"mt": encoder.encode(mt), "src": encoder.encode(src), "ref": encoder.encode(ref)}
+        width = max(len(e.ids) for e in seqs["mt"])
+        labels = torch.full((batch_size, width), -1, dtype=torch.long)
+        for i, (enc, span) in enumerate(zip(seqs["mt"], spans, strict=True)):
+            labels[i, :len(enc.ids)] = 0
+            tagged = {enc.char_to_token(c) for c in range(*span)} - {None} if span else set()
+            labels[i, sorted(tagged)] = label
+        inputs = [encoder.pad([encoder.join([seqs[n][i].ids for n in names]) for i in range(batch_size)])
+                  for names in (("mt", "src"), ("mt", "ref"), ("mt", "src", "ref"))]
         yield inputs, labels, torch.tensor(scores)
 
 
 def _train_xcomet(model, pairs: list[tuple[str, str]], rng: random.Random, steps: int) -> None:
-    """Span-supervised training with a device-agnostic loss (comet's compute_loss calls .cuda())."""
+    """Span-supervised training: tag cross-entropy plus score regression on each of the three inputs."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 32-dim model gains nothing from threads; avoids oversubscription
     try:
         model.train()
-        model.encoder.unfreeze()  # comet freezes the encoder at init (nr_frozen_epochs > 0)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         ce = torch.nn.CrossEntropyLoss(ignore_index=-1)  # unweighted: xCOMET's weights over-tag a tiny model
         batches = _training_batches(model, pairs, rng, batch_size=8)
         for _ in range(steps):
             inputs, labels, scores = next(batches)
             loss = torch.zeros(())
-            for inp in inputs:
-                out = model(**inp)
-                logits = out.logits[:, : labels.shape[1]]
+            for ids, mask in inputs:
+                score, logits = model(ids, mask)
+                logits = logits[:, : labels.shape[1]]
                 loss = loss + ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-                loss = loss + torch.nn.functional.mse_loss(out.score, scores)
+                loss = loss + torch.nn.functional.mse_loss(score, scores)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -373,13 +376,16 @@ def _train_xcomet(model, pairs: list[tuple[str, str]], rng: random.Random, steps
 def build_tiny_xcomet(out_dir: str | Path, seed: int = 0, train_steps: int = 60) -> Path:
     """Build, briefly train (``train_steps`` steps, a few seconds on CPU) and save a tiny ``XCOMETMetric``.
 
-    Returns the checkpoint path, ``out_dir/checkpoints/model.ckpt`` (see the module docstring for the layout).
+    Returns the checkpoint path, ``out_dir/checkpoints/model.ckpt`` (see the module docstring for the
+    layout), written as comet writes its checkpoints, so that :func:`mtrl.comet.load_comet` reads it
+    as it reads Unbabel's.
     """
-    import pytorch_lightning as pl
     import torch
     import yaml
-    from comet.models import str2model
     from transformers import XLMRobertaXLConfig
+
+    from mtrl.comet import UnifiedMetric
+    from mtrl.comet.encoder import CometEncoder
 
     out_dir = Path(out_dir)
     enc_dir = out_dir / ENCODER_DIR
@@ -390,27 +396,27 @@ def build_tiny_xcomet(out_dir: str | Path, seed: int = 0, train_steps: int = 60)
     pairs = training_pairs()
     texts = [t for pair in pairs for t in pair] + [f"Das ist {ERROR_WORD} hier."]
     tokenizer = _build_xlmr_tokenizer(texts, enc_dir, vocab_size=600)
-    XLMRobertaXLConfig(
+    config = XLMRobertaXLConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-    ).save_pretrained(enc_dir)
+    )
+    config.save_pretrained(enc_dir)
 
     hparams = dict(
-        encoder_model="XLM-RoBERTa-XL", pretrained_model=str(enc_dir), load_pretrained_weights=False,
-        local_files_only=True, word_level_training=True, word_layer=2, sent_layer="mix",
-        layer_transformation="sparsemax", hidden_sizes=[64, 32], error_labels=["minor", "major", "critical"],
-        cross_entropy_weights=[0.08, 0.486, 0.505, 0.533], loss_lambda=0.5, dropout=0.0,
+        class_identifier="xcomet_metric", encoder_model="XLM-RoBERTa-XL", pretrained_model=ENCODER_DIR,
+        load_pretrained_weights=False, local_files_only=True, word_level_training=True, word_layer=2,
+        layer="mix", sent_layer="mix", layer_transformation="sparsemax", layer_norm=False, hidden_sizes=[64, 32],
+        activations="Tanh", final_activation=None, error_labels=["minor", "major", "critical"],
+        input_segments=["mt", "src", "ref"], cross_entropy_weights=[0.08, 0.486, 0.505, 0.533], loss_lambda=0.5,
+        dropout=0.0,
     )
-    model = str2model["xcomet_metric"](**hparams)
+    model = UnifiedMetric(CometEncoder("XLM-RoBERTa-XL", config, tokenizer), hparams, xcomet=True)
 
     _train_xcomet(model, pairs, rng, train_steps)
 
-    # Store the encoder path relative to the model directory so that the directory can move.
-    hp = dict(model.hparams)
-    hp["pretrained_model"] = ENCODER_DIR
     ckpt = out_dir / "checkpoints" / "model.ckpt"
     ckpt.parent.mkdir(exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp,
-                "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": train_steps}, ckpt)
-    (out_dir / "hparams.yaml").write_text(yaml.safe_dump(hp))
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, "epoch": 0,
+                "global_step": train_steps}, ckpt)
+    (out_dir / "hparams.yaml").write_text(yaml.safe_dump(hparams))
     return ckpt

@@ -241,7 +241,7 @@ def build_model(cfg: WarmStartConfig, vocab_size: int) -> MarianMTModel:
         eos_token_id=1,
         forced_eos_token_id=1,
         bad_words_ids=[[0]],  # never generate <pad> (it is also the decoder start token)
-        max_length=cfg.max_length * 2,
+        max_new_tokens=cfg.max_length * 2,  # not max_length, which a call's max_new_tokens would meet
         num_beams=1,
     )
     return model

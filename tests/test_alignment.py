@@ -118,6 +118,16 @@ def test_completion_start_masks_the_prompt(tok, prompt: str, completion: str) ->
 @PROPS
 @given(text=texts)
 def test_cleanup_flag_matches_reference(tok, text: str) -> None:
+    _check_cleanup(tok, text)
+
+
+@pytest.mark.parametrize("text", ["Hello , world . It 's fine", "Ein Mann , der ' s nicht ist ."])
+def test_cleanup_of_spaces_before_punctuation(tok, text: str) -> None:
+    """Text that clean-up rewrites: still exactly what ``decode`` gives (BPE models: not cleaned up)."""
+    _check_cleanup(tok, text)
+
+
+def _check_cleanup(tok, text: str) -> None:
     ids = tok(text)["input_ids"]
     got = token_offsets(tok, ids, clean_up_tokenization_spaces=True)
     assert got[0] == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)

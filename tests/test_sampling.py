@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -107,3 +109,27 @@ def test_causal_forward_keeps_only_the_completion_logits(tiny_causal):
     manual = logits[:, queries.shape[1] - 1:-1].log_softmax(-1).gather(2, responses.unsqueeze(-1)).squeeze(-1)
     m = mask.bool()
     torch.testing.assert_close(out.logprobs[m], manual[m], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_seq2seq", "tiny_causal"])
+def test_response_limit_next_to_a_generation_config_max_length(fixture, request):
+    """Translation models' generation configs carry a ``max_length`` (opus-mt: 512): the policy's limit holds
+    and transformers does not warn about two limits at every call."""
+    model_dir = request.getfixturevalue(fixture)
+    policy = build_policy(PolicyConfig(model=str(model_dir)), str(model_dir), "English", "German")
+    policy.model.generation_config.max_length = 512
+    policy.model.generation_config.min_new_tokens = 4  # no early EOS: the limit is what stops generation
+    queries, mask = policy.encode_sources(["A man rides a bike.", "Two dogs play in the snow."])
+    warnings: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append  # transformers' logger does not propagate to pytest's
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        for sample in (False, True):
+            responses, _ = policy.generate(queries, mask, GenerationConfig(max_new_tokens=4), sample=sample)
+            assert responses.shape[1] == 4
+        responses, _, out = policy.sample(queries, mask, GenerationConfig(max_new_tokens=4))
+        assert responses.shape[1] == 4 == out.logprobs.shape[1]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [w.getMessage() for w in warnings if "max_length" in w.getMessage()]

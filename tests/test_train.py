@@ -78,6 +78,22 @@ def test_training_changes_the_policy(tiny_seq2seq, small_data, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_fixed_position_tables_are_not_trained(tiny_seq2seq):
+    """Marian's sinusoidal position tables are rebuilt on load: trained, the saved policy would not be
+    the trained one (and DDP would wait for their gradients where the model computes them without grad)."""
+    from mtrl.policy import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(str(tiny_seq2seq))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
+
+
+def test_quiet_run_writes_nothing_to_stderr(tiny_seq2seq, small_data, tmp_path, capfd):
+    """No progress bars: mtrl's, nor transformers' (loading and saving weights)."""
+    train(recipe_from_dict(tiny_recipe(tiny_seq2seq, small_data, tmp_path / "run")), quiet=True)
+    assert capfd.readouterr().err == ""
+
+
 def test_value_head_has_its_own_learning_rate(tiny_seq2seq, small_data, tmp_path):
     run = tmp_path / "run"
     recipe = tiny_recipe(tiny_seq2seq, small_data, run, algorithm={"lr": 1e-4, "value_lr": 3e-3},

@@ -45,7 +45,7 @@ from mtrl.algorithms.offline import (
     target_features,
 )
 from mtrl.errors import MtrlError
-from mtrl.policy import GenerationConfig, Policy
+from mtrl.policy import GenerationConfig, Policy, trainer_checkpointing
 from mtrl.schema import Range
 
 
@@ -188,7 +188,7 @@ def fit_causal(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfi
                      label_smoothing=cfg.label_smoothing, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
                      loss_weights=[1.0, cfg.sft_weight] if sft else None, max_length=None, max_grad_norm=1.0,
                      weight_decay=0.0, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
-                     bf16=False, use_cpu=use_cpu, gradient_checkpointing=policy.cfg.gradient_checkpointing,
+                     bf16=False, use_cpu=use_cpu, **trainer_checkpointing(policy.cfg.gradient_checkpointing),
                      seed=seed, disable_tqdm=not progress)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)  # π_ref: the initial policy, frozen
     trainer = TokenizedDPOTrainer(model=policy.model, ref_model=ref_model, args=args, train_dataset=ds,

@@ -18,7 +18,7 @@ import torch
 
 from mtrl.algorithms.common import RunContext
 from mtrl.errors import MtrlError
-from mtrl.policy import GenerationConfig, Policy
+from mtrl.policy import GenerationConfig, Policy, trainer_checkpointing
 from mtrl.rewards import Rewarder
 from mtrl.schema import Range
 
@@ -72,7 +72,7 @@ class GRPO:
                          learning_rate=cfg.lr, beta=cfg.kl_coef, temperature=gen.temperature, top_p=gen.top_p,
                          top_k=gen.top_k or None, max_steps=self.total_steps, logging_steps=1, save_strategy="no",
                          report_to="none", bf16=False, use_cpu=self.cpu or not torch.cuda.is_available(),
-                         gradient_checkpointing=False, seed=ctx.seed, max_grad_norm=cfg.max_grad_norm, disable_tqdm=False)
+                         **trainer_checkpointing(False), seed=ctx.seed, max_grad_norm=cfg.max_grad_norm, disable_tqdm=False)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=reward, args=args, train_dataset=ds,
                               processing_class=policy.tokenizer, callbacks=[AppendMetrics()])
         trainer.train()

@@ -403,8 +403,9 @@ def qsft_translate(q_model: Any, behaviour_model: Any, tokenizer: Any, sources: 
     behaviour_model.eval()
     queries, qmask = policy.encode_sources(list(sources))
     proc = QSFTLogitsProcessor(q_model, beta, kind, queries, qmask, temperature)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=policy.eos_token_id)
+    kwargs: dict[str, Any] = dict(**policy.length_kwargs(queries, max_new_tokens), num_beams=num_beams,
+                                  do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=policy.eos_token_id)
     if policy.forced_bos_token_id is not None:
         kwargs["forced_bos_token_id"] = policy.forced_bos_token_id
     kwargs.update(generate_kwargs)

@@ -1,7 +1,7 @@
 """Error-span detectors: ``reference`` (embedded default), ``xcomet``, ``gold``; ``bleu``/``chrf`` (score only).
 
 Modules are imported lazily so that the embedded default never pays for
-``unbabel-comet``'s import time.
+loading a model library it does not use.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
-"""xCOMET error spans (``unbabel-comet``): a resident model, with the quirks of its span decoder repaired.
+"""xCOMET error spans (mtrl's own :mod:`mtrl.comet` model): a resident model, with the quirks of its span decoder repaired.
 
 The model is loaded once, lazily, on the first :meth:`XCometDetector.detect` (or an explicit
 :meth:`XCometDetector.load`, which a CLI can call up front to fail fast), so that building a
-detector from a recipe is cheap; :meth:`XCometDetector.from_model` wraps a comet model already
-in memory. It then stays on its device (``device``) in its precision (``dtype``).
-
-``detect`` does not call comet's ``predict``: that builds a Lightning Trainer and a DataLoader
-on every call, runs in fp32, moves the model back to the CPU when it ends, and would need one
-call per mode. Instead it runs comet's own ``prepare_for_inference`` and ``predict_step`` on
-length-bucketed batches (at most ``batch_size`` rows and ``max_tokens`` padded subwords) under
-``torch.inference_mode()``; reference and QE rows go through the same resident model in one call.
-In fp32 the scores and spans are those of ``predict`` (the tests check it).
+detector from a recipe is cheap; :meth:`XCometDetector.from_model` wraps a model already in
+memory. It then stays on its device (``device``; ``auto`` is this process's GPU) in its precision
+(``dtype``), and scores length-bucketed batches (at most ``batch_size`` rows and ``max_tokens``
+padded subwords) under ``torch.inference_mode()``; reference and QE rows go through the same
+resident model in one call. In fp32 the scores and spans are those of unbabel-comet 2.2.7
+(``tests/test_comet_parity.py``).
 
 Quirks handled (comet 2.2.7, see ``shared/notes/papers.md`` section 4):
 
@@ -29,40 +26,28 @@ Quirks handled (comet 2.2.7, see ``shared/notes/papers.md`` section 4):
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
+from mtrl.comet import (
+    DEFAULT_MAX_TOKENS,
+    UnifiedMetric,
+    check_device,
+    check_dtype,
+    load_comet,
+    place,
+    predict,
+    resolve_device,
+    resolve_dtype,
+)
 from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
-from mtrl.errors import MtrlError, one_line
+from mtrl.errors import MtrlError
 from mtrl.spans import ErrorSpan, sanitize_spans
 
 DEFAULT_MODEL = DEFAULT_XCOMET
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# Loggers that print on every predict call ("GPU available: ...", "LOCAL_RANK ...", "Tip: ...").
-_NOISY_LOGGERS = ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch",
-                  "lightning.fabric", "comet", "transformers")
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Mute Lightning/comet info logs and warnings for the duration of a call, then restore."""
-    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+HUB_HINT = ("point at a local checkpoint with --model /path/to/XCOMET-XL/checkpoints/model.ckpt "
+            "(or the detector's `model` option in a recipe)")
 
 
 def spans_from_comet(hyp: str, error_spans: Sequence[Mapping[str, Any]],
@@ -119,136 +104,6 @@ def _measure(tokenizer: Any, max_positions: int, mt: Sequence[str], others: Sequ
     return cuts, lengths
 
 
-def _encoder_override(model_dir: Path, stored: str) -> str | None:
-    """Where the encoder files (config + tokenizer) of a moved or relative checkpoint are.
-
-    comet stores ``pretrained_model`` as an absolute path when it is a local folder. None
-    keeps the stored value (a hub id, or a path that still exists).
-    """
-    p = Path(stored).expanduser()
-    if p.is_absolute():
-        if p.exists():
-            return None
-        candidate = model_dir / p.name
-    else:
-        candidate = model_dir / p
-    return os.path.abspath(candidate) if candidate.exists() else None
-
-
-def load_comet_checkpoint(ckpt: str | Path) -> Any:
-    """``comet.load_from_checkpoint`` that also works after the model folder was moved."""
-    import yaml
-    from comet.models import str2model
-
-    ckpt = Path(os.path.abspath(ckpt))  # not resolve(): HF cache files are symlinks into blobs/
-    model_dir = ckpt.parents[1]
-    hparams_file = model_dir / "hparams.yaml"
-    if not hparams_file.is_file():
-        raise MtrlError(f"xcomet: {hparams_file} is missing (comet expects it next to checkpoints/)")
-    hparams = yaml.safe_load(hparams_file.read_text()) or {}
-    kwargs: dict[str, Any] = dict(checkpoint_path=ckpt, load_pretrained_weights=False,
-                                  map_location="cpu", strict=False)
-    override = _encoder_override(model_dir, str(hparams.get("pretrained_model", "")))
-    if override is not None:
-        kwargs["pretrained_model"] = override
-    if hparams.get("layer_transformation") == "sparsemax_patch":  # as comet.load_from_checkpoint does
-        kwargs["layer_transformation"] = "softmax"
-    return str2model[hparams["class_identifier"]].load_from_checkpoint(**kwargs)
-
-
-def resolve_checkpoint(model: str) -> Path:
-    """A local ``.ckpt`` file or model folder, or a hub id looked up in (then fetched into) the HF cache."""
-    p = Path(model).expanduser()
-    if p.is_dir():
-        p = p / "checkpoints" / "model.ckpt"
-    if p.is_file():
-        return p
-    if not _HUB_ID.match(model) or model.endswith(".ckpt"):
-        raise MtrlError(f"xcomet: checkpoint not found: {p} (expected a .ckpt file or a folder "
-                        "with checkpoints/model.ckpt)")
-    from comet import download_model
-
-    hint = ("point at a local checkpoint with --model /path/to/XCOMET-XL/checkpoints/model.ckpt "
-            "(or the detector's `model` option in a recipe)")
-    try:
-        return Path(download_model(model, local_files_only=True))
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):  # as huggingface_hub
-        raise MtrlError(f"xcomet: model {model!r} could not be loaded offline (not in the Hugging Face "
-                        f"cache and HF_HUB_OFFLINE is set); {hint}")
-    try:
-        return Path(download_model(model))
-    except Exception as e:
-        raise MtrlError(f"xcomet: model {model!r} could not be loaded offline or downloaded "
-                        f"({one_line(e, 300)}); {hint}") from None
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-DEFAULT_MAX_TOKENS = 8192  # padded subwords per forward pass: XCOMET-XXL needs a few GB of activations for it
-
-
-def check_device(device: str) -> str:
-    """``device`` if it is one of auto, cpu, cuda, cuda:N (a one-line :class:`MtrlError` otherwise)."""
-    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
-        raise MtrlError(f"detector.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return device
-
-
-def check_dtype(dtype: str) -> str:
-    """``dtype`` if it is one of :data:`DTYPES` (a one-line :class:`MtrlError` otherwise)."""
-    if dtype not in DTYPES:
-        raise MtrlError(f"detector.dtype: must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
-    return dtype
-
-
-def resolve_device(device: str) -> Any:
-    """``auto`` -> cuda:0 when there is a GPU, else cpu; a CUDA device must exist."""
-    import torch
-
-    check_device(device)
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = 0 if dev.index is None else dev.index
-        if index >= count:
-            raise MtrlError(f"detector.device: {device!r} asked for, but {count} CUDA device(s) are visible")
-        dev = torch.device("cuda", index)
-    return dev
-
-
-def resolve_dtype(dtype: str, device: Any) -> Any:
-    """``auto`` -> fp16 on a GPU (what comet's own ``comet-score`` runs in), fp32 on the CPU."""
-    import torch
-
-    check_dtype(dtype)
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
-@contextmanager
-def _decode_on_cpu(model: Any) -> Iterator[None]:
-    """Run comet's span decoder on CPU copies of its inputs.
-
-    ``decode`` reads one subword at a time (``topk`` + ``.item()``): on a GPU that is a device
-    sync per subword. One copy per batch is cheaper, and fp32 confidences are what fp32 gives.
-    """
-    decode = model.decode
-
-    def cpu_decode(subword_probs: Any, input_ids: Any, mt_offsets: Any) -> list:
-        return decode(subword_probs.float().cpu(), input_ids.cpu(), mt_offsets)
-
-    model.decode = cpu_decode
-    try:
-        yield
-    finally:
-        del model.decode  # back to the class's method
-
-
 @contextmanager
 def _matmul_precision(device: Any) -> Iterator[None]:
     """TF32 matmuls for fp32 on a GPU (as ``comet-score`` sets), only for the call: the policy is not affected."""
@@ -265,26 +120,6 @@ def _matmul_precision(device: Any) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-def buckets(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Row indices in batches of similar length, longest first (an out-of-memory shows on the first batch).
-
-    A batch has at most ``batch_size`` rows and ``rows * longest <= max_tokens`` padded subwords
-    (a single row longer than that still gets a batch of its own).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) == batch_size or (len(current) + 1) * longest > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 class XCometDetector(Detector):
     """Error spans and sentence scores from an xCOMET checkpoint (``Unbabel/XCOMET-XL`` by default)."""
 
@@ -295,7 +130,7 @@ class XCometDetector(Detector):
                  dtype: str = "auto", max_tokens: int = DEFAULT_MAX_TOKENS, use_reference: bool = True,
                  progress: bool = False) -> None:
         """``model``: hub id, model folder or ``.ckpt``; ``batch_size``: most rows per forward pass;
-        ``device``: auto (cuda:0 if there is a GPU, else cpu), cpu, cuda or cuda:N; ``dtype``: auto
+        ``device``: auto (this process's GPU if there is one, else cpu), cpu, cuda or cuda:N; ``dtype``: auto
         (fp16 on a GPU, fp32 on the CPU), fp32, fp16 or bf16; ``max_tokens``: most padded subwords
         per forward pass (rows x longest input); ``use_reference``: False scores every row in QE mode."""
         for key, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
@@ -317,7 +152,7 @@ class XCometDetector(Detector):
     def from_model(cls, model: Any, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                    max_tokens: int = DEFAULT_MAX_TOKENS, use_reference: bool = True,
                    name: str = "in-memory") -> XCometDetector:
-        """Wrap a comet model object already built (e.g. random weights for a benchmark): no checkpoint read.
+        """Wrap a :mod:`mtrl.comet` model already built (e.g. random weights for a benchmark): no checkpoint read.
 
         The model is moved to ``device``/``dtype`` now and put in eval mode; ``name`` only labels it.
         """
@@ -327,37 +162,27 @@ class XCometDetector(Detector):
         return det
 
     def load(self) -> Any:
-        """Load the comet model once and put it on its device (raises :class:`MtrlError` with a one-line reason)."""
+        """Load the model once and put it on its device (raises :class:`MtrlError` with a one-line reason)."""
         if self._model is None:
             resolve_dtype(self.dtype, resolve_device(self.device))  # a bad device fails before the slow load
-            with _quiet():
-                ckpt = resolve_checkpoint(self.model_name)
-                try:
-                    model = load_comet_checkpoint(ckpt)
-                except MtrlError:
-                    raise
-                except Exception as e:
-                    raise MtrlError(f"xcomet: could not load {ckpt}: {one_line(e, 300)}") from None
-            self._model = self._place(model)
+            self._model = self._place(load_comet(self.model_name, label="xcomet", hint=HUB_HINT))
         return self._model
 
     def _place(self, model: Any) -> Any:
         """Eval mode on the resolved device and dtype; checks that the model decodes error spans."""
-        if not callable(getattr(model, "predict_step", None)) or not getattr(model, "word_level", False):
-            raise MtrlError(f"xcomet: {self.model_name} is not a word-level comet model (XCOMETMetric or a "
+        if not isinstance(model, UnifiedMetric) or not model.word_level:
+            raise MtrlError(f"xcomet: {self.model_name} is not a word-level COMET model (XCOMETMetric or a "
                             "UnifiedMetric trained with word_level_training); it gives no error spans")
         self._device = resolve_device(self.device)
         self._dtype = resolve_dtype(self.dtype, self._device)
-        model.eval()
-        return model.to(device=self._device, dtype=self._dtype)
+        return place(model, self._device, self._dtype)
 
     def _resident(self) -> Any:
-        """The loaded model, moved back if something else (e.g. comet's own ``predict``) moved it."""
+        """The loaded model, moved back if something else moved it."""
         model = self.load()
         p = next(model.parameters())
         if p.device != self._device or p.dtype != self._dtype or model.training:
-            model.eval()
-            model.to(device=self._device, dtype=self._dtype)
+            place(model, self._device, self._dtype)
         return model
 
     def detect(self, sources: Sequence[str], hypotheses: Sequence[str],
@@ -370,15 +195,10 @@ class XCometDetector(Detector):
         self.last_truncated = 0
         if n == 0:
             return []
-        import torch
-
         model = self._resident()
         has_ref = [self.use_reference and references is not None and bool(references[i]) for i in range(n)]
         results: list[Detection | None] = [None] * n
-        # Not _quiet(): setting logger levels clears every logger's cache, milliseconds per call.
-        with (warnings.catch_warnings(), torch.inference_mode(), _matmul_precision(self._device),
-              _decode_on_cpu(model)):
-            warnings.simplefilter("ignore")
+        with _matmul_precision(self._device):
             for with_ref in (True, False):
                 rows = [i for i in range(n) if has_ref[i] == with_ref]
                 if rows:
@@ -391,29 +211,17 @@ class XCometDetector(Detector):
 
     def _detect_rows(self, model: Any, srcs: list[str], hyps: list[str], refs: list[str] | None
                      ) -> list[Detection]:
-        """Rows of one mode, in length buckets, through comet's ``prepare_for_inference`` + ``predict_step``."""
+        """Rows of one mode, in length buckets; truncation measured here, the spans repaired."""
         cuts, lengths = _measure(model.encoder.tokenizer, model.encoder.max_positions, hyps,
                                  [srcs] if refs is None else [srcs, refs])
-        batches = buckets(lengths, self.batch_size, self.max_tokens)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="xcomet", unit="batch")
-        dets: list[Detection | None] = [None] * len(hyps)
-        for batch in batches:
-            samples = [{"src": srcs[i], "mt": hyps[i]} | ({} if refs is None else {"ref": refs[i]}) for i in batch]
-            inputs = tuple({k: v.to(self._device) if hasattr(v, "to") else v for k, v in seq.items()}
-                           for seq in model.prepare_for_inference(samples))
-            out = model.predict_step(inputs)
-            meta = {k: v for k, v in out.metadata.items() if k != "error_spans"}
-            values = [t.float().cpu().tolist() for t in (out.scores, *meta.values())]  # few small copies
-            for j, i in enumerate(batch):
-                cut, scored = cuts[i]
-                extra: dict[str, Any] = {"mode": "qe" if refs is None else "ref"}
-                for key, column in zip(meta, values[1:], strict=True):
-                    extra[key.removesuffix("s")] = column[j]
-                if scored is not None:
-                    extra["scored_chars"] = scored
-                spans = spans_from_comet(hyps[i], out.metadata["error_spans"][j], scored)
-                dets[i] = Detection(spans, values[0][j], truncated=cut, extra=extra)
-        return dets  # type: ignore[return-value]
+        rows = [{"src": s, "mt": h} | ({} if refs is None else {"ref": refs[i]})
+                for i, (s, h) in enumerate(zip(srcs, hyps, strict=True))]
+        scored = predict(model, rows, self.batch_size, self.max_tokens, lengths, self.progress)
+        dets = []
+        for hyp, row, (cut, scored_chars) in zip(hyps, scored, cuts, strict=True):
+            extra: dict[str, Any] = {"mode": "qe" if refs is None else "ref", **row.extra}
+            if scored_chars is not None:
+                extra["scored_chars"] = scored_chars
+            spans = spans_from_comet(hyp, row.error_spans or [], scored_chars)
+            dets.append(Detection(spans, row.score, truncated=cut, extra=extra))
+        return dets

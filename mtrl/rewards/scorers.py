@@ -2,9 +2,9 @@
 
 The registry behind ``reward.scorer``: ``chrf`` and ``bleu`` (sacrebleu's sentence
 chrF / BLEU, 0-100, computed once in :mod:`mtrl.detectors.metric`), ``detector``
-(a detector's own sentence score) and ``comet`` (any COMET model through
-``unbabel-comet``). A scorer returns **scores**; :class:`mtrl.rewards.Rewarder`
-turns them into rewards.
+(a detector's own sentence score) and ``comet`` (a COMET-DA, COMET-Kiwi or
+xCOMET checkpoint, run by :mod:`mtrl.comet`). A scorer returns **scores**;
+:class:`mtrl.rewards.Rewarder` turns them into rewards.
 """
 
 from __future__ import annotations
@@ -39,26 +39,35 @@ class DetectorScorer(SentenceScorer):
 
 
 class CometScorer(SentenceScorer):
-    """A COMET model's segment scores (e.g. Unbabel/wmt22-comet-da, a CometKiwi or xCOMET checkpoint)."""
+    """A COMET model's segment scores (e.g. Unbabel/wmt22-comet-da, a CometKiwi or xCOMET checkpoint).
 
-    def __init__(self, model: str, batch_size: int = 16, gpus: int | None = None):
-        from mtrl.detectors.xcomet import _quiet, load_comet_checkpoint, resolve_checkpoint
+    Loaded once and kept on ``device`` in ``dtype`` (the detector's choices: auto = this process's
+    GPU in fp16, or the CPU in fp32). Rows with a reference and rows without are scored apart; a
+    model that needs references (COMET-DA) refuses rows without one.
+    """
 
-        self.name, self.batch_size, self._quiet = "comet", batch_size, _quiet
-        with _quiet():
-            self.model = load_comet_checkpoint(resolve_checkpoint(model))
-        if gpus is None:
-            import torch
+    def __init__(self, model: str, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
+                 max_tokens: int = 8192):
+        from mtrl.comet import RegressionMetric, load_comet, place, resolve_device, resolve_dtype
 
-            gpus = 1 if torch.cuda.is_available() else 0
-        self.gpus = gpus
+        dev = resolve_device(device, "comet device")
+        self.name, self.batch_size, self.max_tokens = "comet", batch_size, max_tokens
+        self.model = place(load_comet(model), dev, resolve_dtype(dtype, dev, "comet dtype"))
+        self.needs_reference = isinstance(self.model, RegressionMetric)
 
     def score(self, sources, hypotheses, references) -> list[float]:
-        rows = [{"src": s, "mt": h, **({"ref": r} if r else {})}
-                for s, h, r in zip(sources, hypotheses, references or [None] * len(sources))]
-        with self._quiet():
-            out = self.model.predict(rows, batch_size=self.batch_size, gpus=self.gpus, progress_bar=False)
-        return [float(x) for x in out.scores]
+        from mtrl.comet import predict
+
+        refs = list(references) if references is not None else [None] * len(sources)
+        if self.needs_reference and not all(refs):
+            raise MtrlError("comet: this COMET model (regression_metric) needs a reference for every row")
+        scores: list[float] = [0.0] * len(sources)
+        for with_ref in (True, False):
+            idx = [i for i, r in enumerate(refs) if bool(r) == with_ref]
+            rows = [{"src": sources[i], "mt": hypotheses[i]} | ({"ref": refs[i]} if with_ref else {}) for i in idx]
+            for i, row in zip(idx, predict(self.model, rows, self.batch_size, self.max_tokens), strict=True):
+                scores[i] = row.score
+        return scores
 
 
 def load_scorer(name: str, detector: Detector | None = None, model: str | None = None,
