@@ -94,7 +94,10 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
         config = AutoConfig.from_pretrained(name)
         kind = detect_kind(config) if kind == "auto" else kind
         cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-        model = cls.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        # transformers 5 draws from the global RNG while loading (it initialises weights the checkpoint then
+        # overwrites); a run's seed must mean the same sampling stream whatever the transformers version.
+        with torch.random.fork_rng(devices=[]):
+            model = cls.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
         tok = AutoTokenizer.from_pretrained(tokenizer or name)
     except OSError as e:
         raise MtrlError(f"cannot load model {name!r}: {one_line(e)} "

@@ -88,6 +88,18 @@ def test_fixed_position_tables_are_not_trained(tiny_seq2seq):
     assert frozen == {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
 
 
+def test_loading_a_model_leaves_the_random_stream_alone(tiny_seq2seq):
+    """transformers 5 draws from the global RNG while loading; a run's seed must give the same samples
+    whatever the version (the quickstart gives the same numbers on transformers 4.57 and 5.24)."""
+    from mtrl.policy import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_model_and_tokenizer(str(tiny_seq2seq))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_quiet_run_writes_nothing_to_stderr(tiny_seq2seq, small_data, tmp_path, capfd):
     """No progress bars: mtrl's, nor transformers' (loading and saving weights)."""
     train(recipe_from_dict(tiny_recipe(tiny_seq2seq, small_data, tmp_path / "run")), quiet=True)

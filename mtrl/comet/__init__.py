@@ -14,7 +14,7 @@ from typing import Any
 
 from mtrl.comet.checkpoint import load_comet, resolve_checkpoint
 from mtrl.comet.device import check_device, check_dtype, resolve_device, resolve_dtype
-from mtrl.comet.models import CometModel, CometOutput, RegressionMetric, Row, UnifiedMetric
+from mtrl.comet.models import CometModel, CometOutput, Encodings, RegressionMetric, Row, UnifiedMetric
 
 DEFAULT_MAX_TOKENS = 8192  # padded subwords per forward pass: XCOMET-XXL needs a few GB of activations for it
 
@@ -56,10 +56,12 @@ def buckets(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[li
 
 
 def predict(model: CometModel, rows: Sequence[Row], batch_size: int = 16, max_tokens: int = DEFAULT_MAX_TOKENS,
-            lengths: Sequence[int] | None = None, progress: bool = False) -> list[ScoredRow]:
+            lengths: Sequence[int] | None = None, progress: bool = False,
+            encodings: Encodings | None = None) -> list[ScoredRow]:
     """Every row scored, in the order given; all rows must have the same keys (one mode per call).
 
-    ``lengths`` (subwords per row, for batching) are measured when not given.
+    ``lengths`` (subwords per row, for batching) are measured when not given; ``encodings`` (segment
+    name -> every row's encoding, from ``model.encoder.encode``) spare tokenizing the rows again.
     """
     import torch
 
@@ -75,7 +77,8 @@ def predict(model: CometModel, rows: Sequence[Row], batch_size: int = 16, max_to
     results: list[ScoredRow | None] = [None] * len(rows)
     with torch.inference_mode():
         for batch in batches:
-            out = model.predict([rows[i] for i in batch])
+            part = None if encodings is None else {k: [v[i] for i in batch] for k, v in encodings.items()}
+            out = model.predict([rows[i] for i in batch], part)
             columns = {k.removesuffix("s"): v.float().cpu().tolist() for k, v in out.metadata.items()}
             scores = out.scores.float().cpu().tolist()
             for j, i in enumerate(batch):

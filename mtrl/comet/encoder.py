@@ -18,6 +18,18 @@ from torch import nn
 ENCODERS = ("XLM-RoBERTa", "XLM-RoBERTa-XL")
 
 
+def encode_segments(tokenizer: Any, max_positions: int, texts: Sequence[str]) -> list[Any]:
+    """``texts`` as ``tokenizers.Encoding`` s cut to ``max_positions - 2`` subwords (``overflowing`` holds the rest).
+
+    One call of the Rust tokenizer: the transformers wrapper costs more than the tokenizing on short
+    rows. Truncation and padding are per-call state of the shared tokenizer, so both are set here.
+    """
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length=max_positions - 2)
+    backend.no_padding()
+    return backend.encode_batch(list(texts))
+
+
 class CometEncoder(nn.Module):
     """``model``: the transformers encoder (no pooler), ``tokenizer``: its fast tokenizer."""
 
@@ -43,10 +55,7 @@ class CometEncoder(nn.Module):
 
     def encode(self, texts: Sequence[str]) -> list[Any]:
         """Each text as a ``tokenizers.Encoding`` with ``<s>``/``</s>``, cut to ``max_positions - 2`` subwords."""
-        backend = self.tokenizer.backend_tokenizer
-        backend.enable_truncation(max_length=self.max_positions - 2)  # per-call state of the shared tokenizer
-        backend.no_padding()
-        return backend.encode_batch(list(texts))
+        return encode_segments(self.tokenizer, self.max_positions, texts)
 
     def join(self, segments: Sequence[Sequence[int]]) -> list[int]:
         """One row's segments (each with its ``<s>``/``</s>``) as one input, cut to ``max_positions``."""

@@ -33,6 +33,7 @@ from mtrl.comet.encoder import CometEncoder
 from mtrl.comet.layers import FeedForward, LayerwiseAttention
 
 Row = Mapping[str, str]
+Encodings = Mapping[str, Sequence[Any]]  # segment name -> one tokenizers.Encoding per row
 SPAN_WEIGHTS = (0.1667, 0.3333, 0.5)  # [mt; src], [mt; ref], [mt; src; ref]
 XCOMET_WEIGHTS = (0.12, 0.33, 0.33, 0.22)  # src, ref, unified, mqm
 MQM_PENALTY = {"minor": 1, "major": 5, "critical": 10}
@@ -101,10 +102,15 @@ class UnifiedMetric(nn.Module):
         ids = {name: self.encoder.encode([r[name] for r in rows]) for name in names}
         return [len(self.encoder.join([ids[n][i].ids for n in names])) for i in range(len(rows))]
 
-    def predict(self, rows: Sequence[Row]) -> CometOutput:
-        """Scores (and error spans) of one batch; run it under ``torch.inference_mode()``."""
+    def predict(self, rows: Sequence[Row], encodings: Encodings | None = None) -> CometOutput:
+        """Scores (and error spans) of one batch; run it under ``torch.inference_mode()``.
+
+        ``encodings`` (segment name -> the rows' :meth:`CometEncoder.encode` output) saves tokenizing again.
+        """
         passes = self.segments(rows)
-        encoded = {name: self.encoder.encode([r[name] for r in rows]) for name in {n for p in passes for n in p}}
+        encoded = encodings or {}
+        encoded = {name: encoded.get(name) or self.encoder.encode([r[name] for r in rows])
+                   for name in {n for p in passes for n in p}}
         outputs = []
         for names in passes:
             ids = [self.encoder.join([encoded[n][i].ids for n in names]) for i in range(len(rows))]
@@ -207,11 +213,12 @@ class RegressionMetric(nn.Module):
         ids = [self.encoder.encode([r[name] for r in rows]) for name in self.input_segments]
         return [max(len(seg[i].ids) for seg in ids) for i in range(len(rows))]
 
-    def predict(self, rows: Sequence[Row]) -> CometOutput:
+    def predict(self, rows: Sequence[Row], encodings: Encodings | None = None) -> CometOutput:
         if not all("ref" in r for r in rows):
             raise ValueError("this COMET model needs references")
-        src, mt, ref = (self.embed(*self.encoder.pad([e.ids for e in self.encoder.encode([r[n] for r in rows])]))
-                        for n in self.input_segments)
+        encoded = encodings or {}
+        src, mt, ref = (self.embed(*self.encoder.pad([e.ids for e in (
+            encoded.get(n) or self.encoder.encode([r[n] for r in rows]))])) for n in self.input_segments)
         features = torch.cat((mt, ref, mt * ref, torch.abs(mt - ref), mt * src, torch.abs(mt - src)), dim=1)
         return CometOutput(self.estimator(features).view(-1).float(), {})
 

@@ -41,6 +41,7 @@ from mtrl.comet import (
     resolve_device,
     resolve_dtype,
 )
+from mtrl.comet.encoder import encode_segments
 from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
 from mtrl.errors import MtrlError
 from mtrl.spans import ErrorSpan, sanitize_spans
@@ -76,30 +77,18 @@ def truncation(tokenizer: Any, max_positions: int, mt: Sequence[str],
     included), then ``<s> mt </s></s> src </s></s> ref </s>`` (the sum of the segment
     lengths) is cut to ``max_positions``.
     """
-    return _measure(tokenizer, max_positions, mt, others)[0]
+    segments = [encode_segments(tokenizer, max_positions, texts) for texts in (mt, *others)]
+    return _cuts(segments, max_positions)[0]
 
 
-def _measure(tokenizer: Any, max_positions: int, mt: Sequence[str], others: Sequence[Sequence[str]]
-            ) -> tuple[list[tuple[bool, int | None]], list[int]]:
-    """:func:`truncation` and, per row, the length of the concatenated input (for batching).
-
-    One call of the Rust tokenizer for all segments: the ``transformers`` wrapper costs more than
-    the tokenizing itself on short rows. Its truncation and padding settings are per call state
-    that the wrapper sets again on each of its calls, so they are switched off here.
-    """
-    limit = max_positions - 2
-    backend = tokenizer.backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
-    n = len(mt)
-    encodings = backend.encode_batch([*mt, *(text for seg in others for text in seg)])
-    lens = [len(e.ids) for e in encodings]
+def _cuts(segments: Sequence[Sequence[Any]], max_positions: int) -> tuple[list[tuple[bool, int | None]], list[int]]:
+    """:func:`truncation` from the cut encodings (mt first), and each row's joined length (for batching)."""
     cuts, lengths = [], []
-    for i in range(n):
-        row = lens[i::n]  # mt, then each other segment
-        total = sum(min(k, limit) for k in row)
-        scored = encodings[i].offsets[limit - 2][1] if row[0] > limit else None
-        cuts.append((any(k > limit for k in row) or total > max_positions, scored))
+    for row in zip(*segments, strict=True):
+        total = sum(len(e.ids) for e in row)
+        mt_cut = bool(row[0].overflowing)
+        scored = row[0].offsets[-2][1] if mt_cut else None  # the last subword before </s>
+        cuts.append((mt_cut or any(e.overflowing for e in row[1:]) or total > max_positions, scored))
         lengths.append(min(total, max_positions))
     return cuts, lengths
 
@@ -212,11 +201,12 @@ class XCometDetector(Detector):
     def _detect_rows(self, model: Any, srcs: list[str], hyps: list[str], refs: list[str] | None
                      ) -> list[Detection]:
         """Rows of one mode, in length buckets; truncation measured here, the spans repaired."""
-        cuts, lengths = _measure(model.encoder.tokenizer, model.encoder.max_positions, hyps,
-                                 [srcs] if refs is None else [srcs, refs])
+        texts = {"mt": hyps, "src": srcs} | ({} if refs is None else {"ref": refs})
+        encodings = {name: model.encoder.encode(t) for name, t in texts.items()}  # once, for both uses
+        cuts, lengths = _cuts(list(encodings.values()), model.encoder.max_positions)
         rows = [{"src": s, "mt": h} | ({} if refs is None else {"ref": refs[i]})
                 for i, (s, h) in enumerate(zip(srcs, hyps, strict=True))]
-        scored = predict(model, rows, self.batch_size, self.max_tokens, lengths, self.progress)
+        scored = predict(model, rows, self.batch_size, self.max_tokens, lengths, self.progress, encodings)
         dets = []
         for hyp, row, (cut, scored_chars) in zip(hyps, scored, cuts, strict=True):
             extra: dict[str, Any] = {"mode": "qe" if refs is None else "ref", **row.extra}
