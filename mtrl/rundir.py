@@ -311,23 +311,28 @@ class MetricsLogger:
 
 
 class StopFlag:
-    """First Ctrl-C: stop after the current step and save. Second: abort now."""
+    """Ctrl-C, SIGTERM (schedulers' preemption, ``scancel``, ``docker stop``) or SIGUSR1 (SLURM's ``--signal``
+    ahead of the time limit): stop after the current step and save. A second one: abort now."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
     def __init__(self) -> None:
         self.requested = False
 
     def __enter__(self) -> StopFlag:
-        self._old = signal.signal(signal.SIGINT, self._handle)
+        self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nmtrl: stopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nmtrl: {name}: stopping after this step (once more to abort without saving)", file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 # --------------------------------------------------------------------------- the run directory

@@ -247,8 +247,9 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
                                      elapsed=elapsed, accelerator=accelerator)
                 check_in_sync(policy, accelerator)
                 if stopped:
-                    log(f"mtrl: stopped at step {stopped}; checkpoint saved. Continue with: "
-                        f"mtrl train {run_dir}/recipe.yaml --resume")
+                    if main:  # even with --quiet: the one line a stopped run must leave
+                        print(f"mtrl: stopped at step {stopped}; checkpoint saved. Continue with: "
+                              f"mtrl train {run_dir}/recipe.yaml --resume", file=sys.stderr)
                     raise KeyboardInterrupt
             else:
                 algo.fit(RunContext(train_pairs, run_dir, recipe.seed, model_path, recipe.offline, log,

@@ -185,3 +185,37 @@ def test_no_readable_checkpoint_is_one_error_naming_them(tiny_seq2seq, small_dat
     with pytest.raises(MtrlError, match=r"no checkpoint can be read: .*step-000002 \(policy.pt: .*step-000001"):
         train(recipe_from_dict(tiny_recipe(tiny_seq2seq, small_data, run)), resume=True, quiet=True)
     assert (run / "checkpoints" / "step-000002").is_dir()  # nothing renamed or removed when it fails
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_scheduler_signal_finishes_the_step_and_saves(tiny_seq2seq, small_data, tmp_path, monkeypatch, capsys,
+                                                      signame):
+    """Preemption (SIGTERM) or SLURM's warning (SIGUSR1) mid-step: the step ends, a checkpoint is saved, the
+    resume command is printed and the CLI exits non-zero; --resume continues from there."""
+    import os
+    import signal
+
+    from mtrl.algorithms.ppo import PPO
+    from mtrl.errors import exit_status
+
+    real, calls = PPO.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), getattr(signal, signame))  # arrives during the second step
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PPO, "step", step)
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tiny_seq2seq, small_data, run, train={"steps": 6, "save_every": 100, "report_to": []})
+    status = exit_status(lambda: train(recipe_from_dict(recipe), quiet=True))
+    assert status == 130
+    assert len(read_metrics(run)) == 2 and (run / "checkpoints" / "step-000002").is_dir()
+    assert not (run / "final").exists()
+    err = capsys.readouterr().err
+    assert f"mtrl: {signame}: stopping after this step" in err and "--resume" in err
+    assert signal.getsignal(getattr(signal, signame)) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(PPO, "step", real)
+    train(recipe_from_dict(recipe), resume=True, quiet=True)
+    assert len(read_metrics(run)) == 6 and (run / "final").is_dir()
