@@ -44,6 +44,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -74,7 +75,11 @@ RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.log_eve
 
 # --------------------------------------------------------------------------- checkpoints
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so that a checkpoint loads weights-only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -82,7 +87,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -152,9 +159,15 @@ def read_checkpoint(run_dir: Path, device: Any) -> tuple[Checkpoint | None, list
     for path in checkpoint_dirs(run_dir):
         try:
             name = "policy.pt"
-            policy = torch.load(path / name, map_location=device)
+            policy = torch.load(path / name, map_location=device, weights_only=True)
             name = "trainer_state.pt"
-            state = torch.load(path / name, weights_only=False, map_location="cpu")
+            state = torch.load(path / name, map_location="cpu", weights_only=True)  # never runs code from a file
+        except pickle.UnpicklingError:  # an object beyond tensors and plain values: an older mtrl's, or crafted
+            damaged.append((path, f"{name}: holds more than tensors and plain values, so it is not loaded "
+                                  "(checkpoints of mtrl before 2026-12 cannot be resumed)"))
+            print(f"mtrl: warning: checkpoint {path} refused ({damaged[-1][1]}); trying the previous one",
+                  file=sys.stderr)
+            continue
         except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
             damaged.append((path, f"{name}: {one_line(e)}"))
             print(f"mtrl: warning: checkpoint {path} cannot be read ({damaged[-1][1]}); "

@@ -219,3 +219,41 @@ def test_scheduler_signal_finishes_the_step_and_saves(tiny_seq2seq, small_data, 
     monkeypatch.setattr(PPO, "step", real)
     train(recipe_from_dict(recipe), resume=True, quiet=True)
     assert len(read_metrics(run)) == 6 and (run / "final").is_dir()
+
+
+class _RunsCode:
+    """A pickle that calls a function when loaded: what a crafted checkpoint in a shared run directory holds."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch RAN",))
+
+
+def test_resume_never_runs_code_from_a_checkpoint(finished_run, tmp_path, monkeypatch):
+    """``trainer_state.pt`` is read weights-only: a crafted one is refused in one line, and nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    state_file = finished_run / "checkpoints" / "step-000001" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)  # what mtrl writes loads weights-only
+    assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+    torch.save({**state, "payload": _RunsCode()}, state_file)
+    recipe = yaml.safe_load((finished_run / "recipe.yaml").read_text())
+    recipe["train"]["steps"] = 2
+    with pytest.raises(MtrlError) as e:
+        train(recipe_from_dict(recipe), resume=True, quiet=True)
+    assert "holds more than tensors and plain values" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "RAN").exists()
+
+
+def test_rng_state_round_trips():
+    import random
+
+    import numpy as np
+
+    from mtrl.rundir import rng_state, set_rng_state
+
+    saved = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(3), torch.rand(5)  # move every stream on
+    set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
