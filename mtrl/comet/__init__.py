@@ -60,15 +60,17 @@ def predict(model: CometModel, rows: Sequence[Row], batch_size: int = 16, max_to
             encodings: Encodings | None = None) -> list[ScoredRow]:
     """Every row scored, in the order given; all rows must have the same keys (one mode per call).
 
-    ``lengths`` (subwords per row, for batching) are measured when not given; ``encodings`` (segment
-    name -> every row's encoding, from ``model.encoder.encode``) spare tokenizing the rows again.
+    The rows are tokenized once (``encodings``, from ``model.encode``, when the caller has them already)
+    and batched by ``lengths`` (subwords per row; measured from the encodings when not given).
     """
     import torch
 
     if not rows:
         return []
+    if encodings is None:
+        encodings = model.encode(rows)
     if lengths is None:
-        lengths = model.input_lengths(rows)
+        lengths = model.input_lengths(encodings)
     batches = buckets(lengths, batch_size, max_tokens)
     if progress:
         from tqdm.auto import tqdm
@@ -77,8 +79,7 @@ def predict(model: CometModel, rows: Sequence[Row], batch_size: int = 16, max_to
     results: list[ScoredRow | None] = [None] * len(rows)
     with torch.inference_mode():
         for batch in batches:
-            part = None if encodings is None else {k: [v[i] for i in batch] for k, v in encodings.items()}
-            out = model.predict([rows[i] for i in batch], part)
+            out = model.predict([rows[i] for i in batch], {k: [v[i] for i in batch] for k, v in encodings.items()})
             columns = {k.removesuffix("s"): v.float().cpu().tolist() for k, v in out.metadata.items()}
             scores = out.scores.float().cpu().tolist()
             for j, i in enumerate(batch):

@@ -95,12 +95,15 @@ class UnifiedMetric(nn.Module):
             return [["mt", "src"], ["mt", "ref"], ["mt", "src", "ref"]]
         return [["mt", *has]]
 
-    def input_lengths(self, rows: Sequence[Row]) -> list[int]:
-        """Each row's longest pass in subwords (what it costs in a padded batch)."""
-        passes = self.segments(rows)
-        names = passes[-1] if len(passes) == 1 else ["mt", "src", "ref"]
-        ids = {name: self.encoder.encode([r[name] for r in rows]) for name in names}
-        return [len(self.encoder.join([ids[n][i].ids for n in names])) for i in range(len(rows))]
+    def encode(self, rows: Sequence[Row]) -> dict[str, list[Any]]:
+        """The rows' segments that this batch's passes read, each tokenized once."""
+        names = sorted({n for names in self.segments(rows) for n in names})
+        return {name: self.encoder.encode([r[name] for r in rows]) for name in names}
+
+    def input_lengths(self, encodings: Encodings) -> list[int]:
+        """Each row's longest pass in subwords (what it costs in a padded batch): all its segments joined."""
+        names = list(encodings)
+        return [len(self.encoder.join([encodings[n][i].ids for n in names])) for i in range(len(encodings["mt"]))]
 
     def predict(self, rows: Sequence[Row], encodings: Encodings | None = None) -> CometOutput:
         """Scores (and error spans) of one batch; run it under ``torch.inference_mode()``.
@@ -108,9 +111,7 @@ class UnifiedMetric(nn.Module):
         ``encodings`` (segment name -> the rows' :meth:`CometEncoder.encode` output) saves tokenizing again.
         """
         passes = self.segments(rows)
-        encoded = encodings or {}
-        encoded = {name: encoded.get(name) or self.encoder.encode([r[name] for r in rows])
-                   for name in {n for p in passes for n in p}}
+        encoded = encodings if encodings is not None else self.encode(rows)
         outputs = []
         for names in passes:
             ids = [self.encoder.join([encoded[n][i].ids for n in names]) for i in range(len(rows))]
@@ -209,16 +210,17 @@ class RegressionMetric(nn.Module):
         summed = embeddings.float().masked_fill(padding, 0.0).type_as(embeddings).sum(dim=1)
         return summed / attention_mask.unsqueeze(-1).expand(embeddings.size()).float().sum(dim=1)
 
-    def input_lengths(self, rows: Sequence[Row]) -> list[int]:
-        ids = [self.encoder.encode([r[name] for r in rows]) for name in self.input_segments]
-        return [max(len(seg[i].ids) for seg in ids) for i in range(len(rows))]
+    def encode(self, rows: Sequence[Row]) -> dict[str, list[Any]]:
+        return {name: self.encoder.encode([r[name] for r in rows]) for name in self.input_segments}
+
+    def input_lengths(self, encodings: Encodings) -> list[int]:
+        return [max(len(e.ids) for e in row) for row in zip(*encodings.values(), strict=True)]
 
     def predict(self, rows: Sequence[Row], encodings: Encodings | None = None) -> CometOutput:
         if not all("ref" in r for r in rows):
             raise ValueError("this COMET model needs references")
-        encoded = encodings or {}
-        src, mt, ref = (self.embed(*self.encoder.pad([e.ids for e in (
-            encoded.get(n) or self.encoder.encode([r[n] for r in rows]))])) for n in self.input_segments)
+        encoded = encodings if encodings is not None else self.encode(rows)
+        src, mt, ref = (self.embed(*self.encoder.pad([e.ids for e in encoded[n]])) for n in self.input_segments)
         features = torch.cat((mt, ref, mt * ref, torch.abs(mt - ref), mt * src, torch.abs(mt - src)), dim=1)
         return CometOutput(self.estimator(features).view(-1).float(), {})
 

@@ -201,11 +201,11 @@ class XCometDetector(Detector):
     def _detect_rows(self, model: Any, srcs: list[str], hyps: list[str], refs: list[str] | None
                      ) -> list[Detection]:
         """Rows of one mode, in length buckets; truncation measured here, the spans repaired."""
-        texts = {"mt": hyps, "src": srcs} | ({} if refs is None else {"ref": refs})
-        encodings = {name: model.encoder.encode(t) for name, t in texts.items()}  # once, for both uses
-        cuts, lengths = _cuts(list(encodings.values()), model.encoder.max_positions)
         rows = [{"src": s, "mt": h} | ({} if refs is None else {"ref": refs[i]})
                 for i, (s, h) in enumerate(zip(srcs, hyps, strict=True))]
+        encodings = model.encode(rows)  # once: for the truncation flags, the buckets and the model
+        cuts, lengths = _cuts([encodings["mt"], *(v for k, v in encodings.items() if k != "mt")],
+                              model.encoder.max_positions)
         scored = predict(model, rows, self.batch_size, self.max_tokens, lengths, self.progress, encodings)
         dets = []
         for hyp, row, (cut, scored_chars) in zip(hyps, scored, cuts, strict=True):
