@@ -42,7 +42,7 @@ from mtrl.detectors import load_detector
 from mtrl.policy import GenerationConfig, PolicyConfig, ReferencePolicy, build_policy, trainer_checkpointing
 from mtrl.rewards import RewardConfig, Rewarder
 from mtrl.rollout import collect_rollout
-from mtrl.tiny import build_tiny_causal, build_tiny_seq2seq
+from mtrl.testing import build_tiny_causal, build_tiny_seq2seq
 
 
 def fresh(rewarder: Rewarder) -> Rewarder:
@@ -195,7 +195,7 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
 
 
 def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:
-    """The causal test model (mtrl.tiny) with a BPE vocabulary of ``vocab_size`` trained on ``pairs``."""
+    """The causal test model (mtrl.testing) with a BPE vocabulary of ``vocab_size`` trained on ``pairs``."""
     from mtrl.warmstart import train_tokenizer
 
     tok = train_tokenizer([t for p in pairs for t in p], vocab_size)

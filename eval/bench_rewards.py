@@ -19,7 +19,7 @@ Figures: segments per second on ONE thread, best of ``--repeats``, measured in p
 CPU time (so other jobs on a shared machine distort them less); the ``.wall`` twin of
 each figure uses wall-clock time (a lower bound when the machine is loaded).
 
-* ``offsets_segments_per_s``: :func:`mtrl.alignment.batch_token_offsets` on pre-tokenized
+* ``offsets_segments_per_s``: :func:`mtrl.rewards.alignment.batch_token_offsets` on pre-tokenized
   ids, i.e. decoding the hypothesis text *and* computing every token's interval.
 * ``mapping_segments_per_s``: :func:`mtrl.rewards.spans_to_token_rewards` given text,
   offsets and spans (the span -> token mapping alone), ``max`` and ``spread``.
@@ -48,11 +48,11 @@ import pandas as pd  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from mtrl.alignment import batch_token_offsets, reference_token_offsets, uses_fast_path  # noqa: E402
 from mtrl.datasets import load_parallel  # noqa: E402
 from mtrl.detectors.base import Detection  # noqa: E402
+from mtrl.detectors.spans import SEVERITIES, ErrorSpan, get_severity_map  # noqa: E402
 from mtrl.rewards import RewardConfig, spans_to_token_rewards, token_rewards  # noqa: E402
-from mtrl.spans import SEVERITIES, ErrorSpan, get_severity_map  # noqa: E402
+from mtrl.rewards.alignment import batch_token_offsets, reference_token_offsets, uses_fast_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WMT22 = ROOT.parent / "shared" / "data" / "wmt22"

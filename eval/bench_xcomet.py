@@ -12,7 +12,7 @@ references, 2.3x in QE, on the same machine kind) stay in ``eval/results/bench_x
 
 The methods are interleaved within each repeat (order rotated) and the reported numbers are medians;
 ratios are medians of the per-repeat ratios (paired). ``fixed_cost_ms`` is the median time of a
-one-segment call. Default model: the tiny xCOMET of :func:`mtrl.tiny.build_tiny_xcomet` (built in a
+one-segment call. Default model: the tiny xCOMET of :func:`mtrl.testing.build_tiny_xcomet` (built in a
 temporary folder, a few seconds), so the numbers measure per-call overhead more than the encoder.
 
     python eval/bench_xcomet.py --segments 256 --repeats 7 --device cpu
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from mtrl.detectors.xcomet import XCometDetector
-from mtrl.tiny import ERROR_WORD, build_tiny_xcomet, training_pairs
+from mtrl.testing import ERROR_WORD, build_tiny_xcomet, training_pairs
 
 
 def segments(n: int) -> tuple[list[str], list[str], list[str]]:

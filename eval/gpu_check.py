@@ -14,7 +14,7 @@ checkpoint written):
   36 layers, 32 heads, intermediate 10240, vocabulary 250,880; 3.5B parameters), built directly on its
   device in bf16 (a CPU init in fp32 would take minutes) and wrapped by ``XCometDetector.from_model``.
 
-Tokenizers are mtrl's tiny ones (:mod:`mtrl.tiny`: Unigram for the seq2seq models, byte-level BPE with a
+Tokenizers are mtrl's tiny ones (:mod:`mtrl.testing`: Unigram for the seq2seq models, byte-level BPE with a
 chat template for Qwen, the tiny xCOMET's XLM-R-style one for the detector); their ids are a small part of
 each model's vocabulary, so sampling is restricted to them (``generation_config.suppress_tokens``) and
 every hypothesis decodes to text the detector reads. Random weights give random tokens; EOS is held back
@@ -87,7 +87,7 @@ from mtrl.datasets import load_pairs
 from mtrl.detectors.xcomet import XCometDetector
 from mtrl.policy import GenerationConfig, LoraConfig, Policy, PolicyConfig, apply_lora
 from mtrl.rewards import RewardConfig, Rewarder
-from mtrl.tiny import CHAT_TEMPLATE, ENCODER_DIR, build_tiny_xcomet, get_tokenizer
+from mtrl.testing import CHAT_TEMPLATE, ENCODER_DIR, build_tiny_xcomet, get_tokenizer
 
 # bf16 dense peak, TFLOP/s, by a part of the CUDA device name (first match wins)
 PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
@@ -145,7 +145,7 @@ class ModelSpec:
     model_class: str  # in transformers
     config: Callable[[Any, int, bool], Any]  # (tokenizer, vocabulary size, tiny) -> the model's config
     vocab_size: int  # the real model's
-    tokenizer: str  # an mtrl.tiny tokenizer family
+    tokenizer: str  # an mtrl.testing tokenizer family
     lora: bool = False
     lang_codes: tuple[str, str] | None = None  # NLLB: source and target language codes (tokens)
 

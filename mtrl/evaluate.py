@@ -149,7 +149,7 @@ def detector_summary(detector: Any, sources: Sequence[str] | None, hyps: Sequenc
 
 def detection_means(detections: Sequence[Any]) -> tuple[float, dict[str, float]]:
     """The mean sentence score of detections, and their error spans per segment by severity."""
-    from mtrl.spans import SEVERITIES
+    from mtrl.detectors.spans import SEVERITIES
 
     n = len(detections)
     counts = {sev: sum(sum(s.severity == sev for s in d.spans) for d in detections) / n for sev in SEVERITIES}

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from mtrl.detectors import Detector, load_detector
 from mtrl.detectors.gold import gold_detection
+from mtrl.detectors.spans import SEVERITIES, ErrorSpan
 from mtrl.errors import MtrlError
 from mtrl.rewards import RewardConfig, Rewarder
-from mtrl.spans import SEVERITIES, ErrorSpan
 
 
 @dataclass

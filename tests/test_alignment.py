@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from mtrl.alignment import (
+from mtrl.rewards.alignment import (
     _fast_offsets,
     _tables,
     batch_token_offsets,

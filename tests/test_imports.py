@@ -68,10 +68,18 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_lower_layers_do_not_import_upper_ones():
-    """The chain detector -> spans -> rewards -> trainer -> evaluation never reaches back up."""
+    """The chain detector (spans) -> rewards -> trainer -> evaluation never reaches back up."""
     graph = import_graph()
     upper = {"mtrl.runner", "mtrl.cli", "mtrl.bench", "mtrl.recipe"}
-    for lower in ("mtrl.spans", "mtrl.alignment", "mtrl.detectors", "mtrl.rewards", "mtrl.policy", "mtrl.rollout"):
+    for lower in ("mtrl.detectors", "mtrl.rewards.alignment", "mtrl.rewards", "mtrl.policy", "mtrl.rollout"):
         reach = {n for m, deps in graph.items() if m == lower or m.startswith(lower + ".") for n in deps}
         assert not reach & upper, f"{lower} imports {reach & upper}"
         assert "mtrl.algorithms" not in reach or lower == "mtrl.algorithms"
+
+
+def test_detectors_do_not_import_rewards():
+    """Spans are what a detector returns; the rewards read them, never the other way round."""
+    graph = import_graph()
+    reach = {n for m, deps in graph.items() if m.startswith("mtrl.detectors") for n in deps}
+    assert "mtrl.detectors.spans" in reach
+    assert not {n for n in reach if n.startswith("mtrl.rewards")}

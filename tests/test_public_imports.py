@@ -89,9 +89,9 @@ def test_eval_script_does_not_edit_sys_path(script: Path):
     ("from tests.fixtures.models import build_tiny_causal", "not part of the mtrl package"),
     ("import tests.fixtures", "not part of the mtrl package"),
     ("def f():\n    from eval.bench_ppo import main", "not part of the mtrl package"),
-    ("from mtrl.alignment import _tables, token_offsets", "private mtrl.alignment._tables"),
+    ("from mtrl.rewards.alignment import _tables, token_offsets", "private mtrl.rewards.alignment._tables"),
     ("from mtrl._private import x", "private module mtrl._private"),
-    ("import mtrl.alignment as al\nal._fast_offsets(1, 2, 3)", "private al._fast_offsets"),
+    ("import mtrl.rewards.alignment as al\nal._fast_offsets(1, 2, 3)", "private al._fast_offsets"),
     ("from mtrl import alignment\nalignment._tables(None)", "private alignment._tables"),
     ("from . import helpers", "relative import"),
 ])
@@ -101,6 +101,6 @@ def test_checker_catches(source: str, expected: str):
 
 
 def test_checker_allows_public_and_third_party():
-    source = ("import torch\nimport pandas as pd\nfrom mtrl.tiny import build_tiny_seq2seq\n"
-              "import mtrl.alignment as al\nal.token_offsets\nfrom mtrl import __version__\npd._libs\n")
+    source = ("import torch\nimport pandas as pd\nfrom mtrl.testing import build_tiny_seq2seq\n"
+              "import mtrl.rewards.alignment as al\nal.token_offsets\nfrom mtrl import __version__\npd._libs\n")
     assert import_problems(source) == []

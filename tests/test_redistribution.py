@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from sacrebleu import sentence_chrf
 
-from mtrl.alignment import token_offsets
 from mtrl.detectors import load_detector
 from mtrl.errors import MtrlError
+from mtrl.rewards.alignment import token_offsets
 from mtrl.rewards.redistribution import (
     Redistributor,
     prefix_boundaries,

@@ -9,8 +9,8 @@ import pytest
 
 from mtrl.detectors import load_detector
 from mtrl.detectors.reference import ReferenceDetector
+from mtrl.detectors.spans import sanitize_spans
 from mtrl.errors import MtrlError
-from mtrl.spans import sanitize_spans
 
 MQM_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "mqm" / "mqm_wmt21-ted_en-de.dev.jsonl"
 

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from mtrl.alignment import token_offsets
 from mtrl.detectors.base import Detection
+from mtrl.detectors.spans import SEVERITIES, ErrorSpan, get_severity_map, sanitize_spans
 from mtrl.errors import MtrlError
 from mtrl.rewards import RewardConfig, Rewarder, allowed, spans_to_token_rewards, token_rewards
-from mtrl.spans import SEVERITIES, ErrorSpan, get_severity_map, sanitize_spans
+from mtrl.rewards.alignment import token_offsets
 from tests.fixtures.tokenizers import FAMILIES, get_tokenizer, unicode_texts
 
 texts = unicode_texts()
@@ -253,8 +253,8 @@ def test_mqm_spread_equals_minus_penalty(family: str) -> None:
 
 def test_omission_penalty_goes_on_the_final_token_in_token_mode():
     from mtrl.detectors.base import Detection
+    from mtrl.detectors.spans import ErrorSpan
     from mtrl.rewards import RewardConfig, token_rewards
-    from mtrl.spans import ErrorSpan
 
     text, offsets = "ab cd", [(0, 2), (2, 5), (5, 5)]
     det = Detection([ErrorSpan(0, 2, "major")], score=-15.0, omission_penalty=-10.0)
@@ -266,8 +266,8 @@ def test_omission_penalty_goes_on_the_final_token_in_token_mode():
 
 def test_hybrid_sentence_score_from_another_scorer():
     from mtrl.detectors.base import Detection
+    from mtrl.detectors.spans import ErrorSpan
     from mtrl.rewards import RewardConfig, token_rewards
-    from mtrl.spans import ErrorSpan
 
     text, offsets = "ab cd", [(0, 2), (2, 5), (5, 5)]
     det = Detection([ErrorSpan(0, 2, "major")], score=-15.0, omission_penalty=-10.0)

@@ -18,7 +18,7 @@ from mtrl.policy import build_policy
 from mtrl.recipe import load_recipe
 from mtrl.rewards import Rewarder
 from mtrl.rollout import response_ids, reward_tensor
-from mtrl.tiny import build_tiny_seq2seq
+from mtrl.testing import build_tiny_seq2seq
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/quickstart.yaml"

@@ -24,8 +24,8 @@ from mtrl.algorithms.twa import (
     train_twa,
     twa_loss,
 )
+from mtrl.detectors.spans import SEVERITY_MAPS
 from mtrl.errors import MtrlError
-from mtrl.spans import SEVERITY_MAPS
 
 
 @pytest.fixture()

@@ -18,9 +18,9 @@ import yaml
 
 from mtrl.comet import buckets, load_comet, predict
 from mtrl.detectors import DetectorConfig, load_detector
+from mtrl.detectors.spans import ErrorSpan
 from mtrl.detectors.xcomet import XCometDetector, spans_from_comet, truncation
 from mtrl.errors import MtrlError
-from mtrl.spans import ErrorSpan
 from tests.fixtures.xcomet import ERROR_SEVERITY, ERROR_WORD
 
 SRCS = ["Two dogs are playing in the snow.", "A man is reading a newspaper.",
@@ -236,7 +236,7 @@ def test_hub_id_found_in_local_cache(tiny_ckpt: Path, detector: XCometDetector, 
 
 def _rows(n: int) -> tuple[list[str], list[str], list[str]]:
     """``n`` rows of varied length, every third hypothesis with the error word."""
-    from mtrl.tiny import training_pairs
+    from mtrl.testing import training_pairs
 
     pairs = training_pairs(n)
     hyps = [r.replace(" ", f" {ERROR_WORD} ", 1) if i % 3 == 0 else r for i, (_, r) in enumerate(pairs)]

@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 
+from mtrl.detectors.spans import SEVERITIES
 from mtrl.rollout import clock
 from mtrl.schema import Range
-from mtrl.spans import SEVERITIES
 
 
 @dataclass

@@ -73,10 +73,10 @@ from mtrl.algorithms.offline import (
     shuffled_batches,
     target_features,
 )
+from mtrl.detectors.spans import SEVERITIES, ErrorSpan, SeverityMap, SpanError
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig
 from mtrl.schema import Range
-from mtrl.spans import SEVERITIES, ErrorSpan, SeverityMap, SpanError
 
 MAX_LOG_SPAN_PROB = math.log1p(-1e-6)  # p(span) <= 1 - 1e-6: -log(1 - p) stays finite
 

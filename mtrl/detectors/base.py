@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mtrl.spans import ErrorSpan
+from mtrl.detectors.spans import ErrorSpan
 
 DEFAULT_XCOMET = "Unbabel/XCOMET-XL"  # the detector of Ramos et al. (2024)
 

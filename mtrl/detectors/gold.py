@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from mtrl.detectors.base import Detection, Detector
+from mtrl.detectors.spans import SEVERITY_MAPS, ErrorSpan, SpanError, check_spans_inside, sanitize_spans
 from mtrl.errors import MtrlError
 from mtrl.io import read_jsonl, read_lines
-from mtrl.spans import SEVERITY_MAPS, ErrorSpan, SpanError, check_spans_inside, sanitize_spans
 
 MQM_TSV_COLUMNS = ("system", "doc", "doc_id", "seg_id", "rater", "source", "target", "category", "severity")
 

@@ -72,8 +72,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mtrl.detectors.base import Detection, Detector
+from mtrl.detectors.spans import ErrorSpan, SeverityMap, get_severity_map, sanitize_spans
 from mtrl.errors import MtrlError
-from mtrl.spans import ErrorSpan, SeverityMap, get_severity_map, sanitize_spans
 
 # Scripts written without spaces between words: one token per character.
 _NOSPACE = (
@@ -221,7 +221,7 @@ class ReferenceDetector(Detector):
             content words and fewer than ``min_word_support`` of all its words match.
         copy_ratio: a hypothesis whose words are at least this share unmatched-but-in-the-
             source is an untranslated copy (critical).
-        severity_map: weights of the score, a name from ``mtrl.spans.SEVERITY_MAPS`` or a
+        severity_map: weights of the score, a name from ``mtrl.detectors.spans.SEVERITY_MAPS`` or a
             mapping ``{minor, major, critical}``; default WMT MQM (1, 5, 25 per word).
         mark_punctuation: punctuation the reference does not have (one-to-one, exact) is a
             minor error. Without it a policy learns to pad with free punctuation ("------");

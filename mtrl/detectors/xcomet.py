@@ -12,7 +12,7 @@ resident model in one call. In fp32 the scores and spans are those of unbabel-co
 Quirks handled (comet 2.2.7, see ``shared/notes/papers.md`` section 4):
 
 * span offsets come from Metaspace subwords and start at the space before a word;
-  :func:`mtrl.spans.sanitize_spans` strips it;
+  :func:`mtrl.detectors.spans.sanitize_spans` strips it;
 * ``<s>`` can be tagged: its offset is ``(0, 0)``, so a span of only ``<s>`` is empty (dropped)
   and a span that starts with it starts at 0;
 * a span that runs into ``</s>`` (offset ``(0, 0)``) would get ``end = 0 < start``; it really
@@ -43,8 +43,8 @@ from mtrl.comet import (
 )
 from mtrl.comet.encoder import encode_segments
 from mtrl.detectors.base import DEFAULT_XCOMET, Detection, Detector
+from mtrl.detectors.spans import ErrorSpan, sanitize_spans
 from mtrl.errors import MtrlError
-from mtrl.spans import ErrorSpan, sanitize_spans
 
 DEFAULT_MODEL = DEFAULT_XCOMET
 HUB_HINT = ("point at a local checkpoint with --model /path/to/XCOMET-XL/checkpoints/model.ckpt "

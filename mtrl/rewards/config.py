@@ -11,9 +11,9 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
+from mtrl.detectors.spans import SeverityMap, get_severity_map
 from mtrl.errors import MtrlError
 from mtrl.schema import Range
-from mtrl.spans import SeverityMap, get_severity_map
 
 RewardMode = Literal["token", "sentence", "hybrid", "r3hf"]
 TokenRewardMode = Literal["max", "spread"]

@@ -7,7 +7,7 @@ appended:
 
 (the rewards telescope). Prefixes follow the policy's own tokens: the prefix
 after token t is ``text[:b_t]`` with b_t the end of the furthest token interval
-so far (:mod:`mtrl.alignment`); tokens that add no character (special tokens,
+so far (:mod:`mtrl.rewards.alignment`); tokens that add no character (special tokens,
 partial UTF-8 bytes before the byte that completes a character) get 0, and the
 last token's prefix is the whole text, so the identity above is exact. With
 ``level="word"`` S is evaluated only at word ends (a word = a run of

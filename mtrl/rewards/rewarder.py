@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from mtrl.alignment import batch_token_offsets
 from mtrl.detectors import Detection, Detector
 from mtrl.errors import MtrlError
+from mtrl.rewards.alignment import batch_token_offsets
 from mtrl.rewards.config import RewardConfig
 from mtrl.rewards.redistribution import Redistributor
 from mtrl.rewards.scorers import load_scorer
@@ -50,7 +50,7 @@ def hypothesis_intervals(tokenizer: Any, token_ids: Sequence[Sequence[int]],
                          hypotheses: Sequence[str] | None = None) -> tuple[list[str], list[Offsets]]:
     """Each token's character interval in its hypothesis, from the token ids.
 
-    The ids are decoded (:func:`mtrl.alignment.batch_token_offsets`), edge whitespace is
+    The ids are decoded (:func:`mtrl.rewards.alignment.batch_token_offsets`), edge whitespace is
     stripped. When ``hypotheses`` are given and a decoded text differs from its hypothesis
     (the tokenizer normalised it), the intervals are projected onto the hypothesis through a
     character alignment, so spans (offsets into the hypothesis) still find their tokens.

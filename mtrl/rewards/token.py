@@ -1,6 +1,6 @@
 """Error spans + token intervals -> one reward per token (the span part of every reward mode).
 
-Inputs come from :mod:`mtrl.alignment` (the decoded ``text`` and one ``(start, end)``
+Inputs come from :mod:`mtrl.rewards.alignment` (the decoded ``text`` and one ``(start, end)``
 interval per token) and from a detector (:class:`~mtrl.detectors.base.Detection`).
 This is on the hot path (every rollout of every step), so it is plain Python with
 no per-character loops: spans are few, tokens are found by bisection.
@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mtrl.detectors.base import Detection
+from mtrl.detectors.spans import ErrorSpan, SeverityMap, get_severity_map
 from mtrl.errors import MtrlError
 from mtrl.rewards.config import RewardConfig, allowed
-from mtrl.spans import ErrorSpan, SeverityMap, get_severity_map
 
 TOKEN_REWARD_MODES = allowed("token_rewards")
 
@@ -23,7 +23,7 @@ TOKEN_REWARD_MODES = allowed("token_rewards")
 def _prepare(text: str, spans: Iterable[ErrorSpan | Mapping[str, Any]], smap: SeverityMap) -> list[tuple[int, int, float, bool]]:
     """``(start, end, value, whitespace_only)`` per usable span.
 
-    Same rules as :func:`mtrl.spans.sanitize_spans` (clip to the text, trim edge
+    Same rules as :func:`mtrl.detectors.spans.sanitize_spans` (clip to the text, trim edge
     whitespace, drop empty spans) with one exception: a span that is non-empty but
     *only* whitespace (an MQM "extra/missing space" punctuation error) is kept as it
     is, not dropped, so its penalty still reaches a token (the one whose interval
@@ -82,7 +82,7 @@ def spans_to_token_rewards(
     gets ``severity_map.no_error``.
 
     Span edge cases (never an error): spans are clipped to ``text``, edge whitespace
-    is trimmed and empty spans are dropped (as :func:`~mtrl.spans.sanitize_spans`);
+    is trimmed and empty spans are dropped (as :func:`~mtrl.detectors.spans.sanitize_spans`);
     a whitespace-only span is kept and blamed on the tokens that hold that
     whitespace; a span that no token covers on a non-whitespace character (a gap
     in the intervals, offsets that do not match ``text``) is attached to the nearest

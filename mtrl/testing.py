@@ -12,10 +12,10 @@ translate nothing useful; the offline quickstart's actual translation model is t
 Everything here is deterministic for a given ``seed``, and all training text comes from the
 Multi30k copy shipped in the package (:func:`mtrl.datasets.load_parallel`, ``"multi30k"``),
 so a clone without any other data builds the same models. Heavy libraries (tokenizers,
-transformers, torch) are imported inside the functions, so ``import mtrl.tiny`` is cheap.
+transformers, torch) are imported inside the functions, so ``import mtrl.testing`` is cheap.
 
 Tokenizers (:func:`get_tokenizer`), each mimicking a real family closely enough to exercise
-its decoder (see :mod:`mtrl.alignment`):
+its decoder (see :mod:`mtrl.rewards.alignment`):
 
 * ``unigram``: Unigram + Metaspace, EOS appended (Marian / NLLB / T5-like)
 * ``bytelevel``: byte-level BPE (GPT-2 / Qwen / Llama-3-like)
