@@ -42,7 +42,7 @@ from mtrl.detectors import load_detector
 from mtrl.policy import GenerationConfig, PolicyConfig, ReferencePolicy, build_policy, trainer_checkpointing
 from mtrl.rewards import RewardConfig, Rewarder
 from mtrl.rollout import collect_rollout
-from mtrl.testing import build_tiny_causal, build_tiny_seq2seq
+from mtrl.testing import build_tiny_causal, build_tiny_seq2seq, train_tokenizer
 
 
 def fresh(rewarder: Rewarder) -> Rewarder:
@@ -196,8 +196,6 @@ def bench_vs_grpo(model_dir: Path, pairs, repeats: int) -> dict[str, float]:
 
 def build_causal_with_vocab(out_dir: Path, pairs, vocab_size: int) -> Path:
     """The causal test model (mtrl.testing) with a BPE vocabulary of ``vocab_size`` trained on ``pairs``."""
-    from mtrl.warmstart import train_tokenizer
-
     tok = train_tokenizer([t for p in pairs for t in p], vocab_size)
     tok.backend_tokenizer.post_processor = None  # no EOS after the prompt
     return build_tiny_causal(out_dir, chat=False, tokenizer=tok)

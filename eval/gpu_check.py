@@ -22,7 +22,7 @@ until ``--max-new-tokens`` (``min_new_tokens``), so every row has the same, know
 timing needs. Text quality is irrelevant here.
 
 Each model runs through mtrl's own code path in bf16 on one GPU: :class:`~mtrl.policy.Policy` ->
-:class:`~mtrl.rewards.Rewarder` (token-level span rewards, xCOMET in QE mode) -> ``build_algorithm(PPOConfig)``
+:class:`~mtrl.rewards.Rewarder` (token-level span rewards, xCOMET in QE mode) -> ``build_online(PPOConfig)``
 -> ``algo.step(sources, references)`` on Multi30k training sources, one warm-up step and ``--steps`` timed
 ones (each between ``torch.cuda.synchronize()`` calls).
 
@@ -82,7 +82,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtrl.algorithms import PPOConfig, build_algorithm
+from mtrl.algorithms import PPOConfig, build_online
 from mtrl.datasets import load_pairs
 from mtrl.detectors.xcomet import XCometDetector
 from mtrl.policy import GenerationConfig, LoraConfig, Policy, PolicyConfig, apply_lora
@@ -194,7 +194,7 @@ def build_policy(name: str, tiny: bool, max_new_tokens: int, device: torch.devic
     gc_.min_new_tokens = max_new_tokens
     gc_.bad_words_ids = None
     cfg = PolicyConfig(model=f"{name} (random weights)", kind=spec.kind, lora=LoraConfig() if spec.lora else None,
-                       dtype="float32" if dtype == torch.float32 else "bfloat16",
+                       dtype="fp32" if dtype == torch.float32 else "bf16",
                        src_lang_code=spec.lang_codes[0] if spec.lang_codes else None,
                        tgt_lang_code=spec.lang_codes[1] if spec.lang_codes else None)
     if cfg.lora is not None:
@@ -294,7 +294,7 @@ def check_model(name: str, args: argparse.Namespace, accelerator: Any, detector:
     policy = build_policy(name, args.tiny, T, device, dtype)
     rewarder = Rewarder(RewardConfig(), detector, policy.tokenizer, use_reference=False)
     ppo = PPOConfig(batch_size=B, minibatch_size=max(1, B // 2))  # epochs 2, mtrl's defaults otherwise
-    algo = build_algorithm(ppo, policy, rewarder, GenerationConfig(max_new_tokens=T), accelerator,
+    algo = build_online(ppo, policy, rewarder, GenerationConfig(max_new_tokens=T), accelerator,
                            total_steps=args.steps + 1)
     weights = linear_weights(policy.model)
     sync(devices)

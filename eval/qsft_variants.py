@@ -61,7 +61,6 @@ def main() -> None:
     ap.add_argument("--warmstart", default="mtrl:tiny-marian",
                     help="the model to start from (default: the shipped tiny Marian)")
     ap.add_argument("--run-dir", default="runs/qsft-variants")
-    ap.add_argument("--name", default="variant")
     ap.add_argument("--reward", choices=("detector", "chrf", "hybrid"), default="detector")
     ap.add_argument("--hybrid-weight", type=float, default=1.0)
     ap.add_argument("--per-source", action="store_true")
@@ -87,32 +86,29 @@ def main() -> None:
     from mtrl.detectors import load_detector
     from mtrl.io import read_jsonl
     from mtrl.label import label, sample_rows
-    from mtrl.policy import load_model_and_tokenizer, resolve_model
+    from mtrl.policy import PolicyConfig, build_policy, resolve_model
     from mtrl.rewards import RewardConfig, Rewarder
-    from mtrl.score import load_tokenizer
 
     a.warmstart = resolve_model(a.warmstart)
+    policy = build_policy(PolicyConfig(model=a.warmstart), a.warmstart, "English", "German")
     run_dir = Path(a.run_dir)
     data = run_dir / f"samples_T{a.temperature}_{a.sources}x{a.samples}_seed{a.seed}" / "labelled.jsonl"
     if not data.exists():
         pairs = load_parallel("multi30k", "train")[: a.sources]
-        rows = sample_rows(a.warmstart, pairs, a.samples, a.temperature, 40, seed=a.seed, progress=False)
+        rows = sample_rows(lambda: policy, pairs, a.samples, a.temperature, 40, seed=a.seed, progress=False)
         rewarder = Rewarder(RewardConfig(mode="token", severity_map="xcomet"),
-                            load_detector("reference", omission_weight=10), load_tokenizer(a.warmstart))
+                            load_detector("reference", omission_weight=10), policy.tokenizer)
         label(rows, data, rewarder, progress=False)
     rows = reward_rows(read_jsonl(data), a.reward, a.hybrid_weight, a.per_source)
     return_range = (0.0, 1.0) if a.per_source else (tuple(a.return_range) if a.return_range else None)
     cfg = QSFTConfig(max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, tau=0.05, gamma=a.gamma,
-                     temperature=a.temperature, target=a.target, return_range=return_range,
-                     sft_steps=a.sft_steps)
-    out = run_dir / a.name
+                     target=a.target, return_range=return_range, sft_steps=a.sft_steps)
     t0 = time.perf_counter()
-    train_qsft(a.warmstart, rows, out, cfg, seed=a.seed)
+    torch.manual_seed(a.seed)
+    behaviour = train_qsft(policy, rows, cfg, "token", a.temperature, a.seed, lambda row: None)
     print(f"rows: {len(rows)}")
     print(f"train_s: {time.perf_counter() - t0:.1f}")
 
-    q, tok, _ = load_model_and_tokenizer(str(out / "q_model"))
-    behaviour, _, _ = load_model_and_tokenizer(str(out / "behaviour"))
     detector = load_detector("reference", omission_weight=10)
     for split in a.splits.split(","):
         pairs = load_parallel("multi30k", split)
@@ -121,7 +117,7 @@ def main() -> None:
         for beta in [float(b) for b in a.betas.split(",")]:
             hyp = []
             for i in range(0, len(src), 100):
-                hyp += [h.strip() for h in qsft_translate(q, behaviour, tok, src[i:i + 100], beta=beta,
+                hyp += [h.strip() for h in qsft_translate(policy, behaviour, src[i:i + 100], beta=beta,
                                                           max_new_tokens=40, temperature=a.temperature)]
             greedy = greedy or hyp
             bleu = sacrebleu.corpus_bleu(hyp, [ref])

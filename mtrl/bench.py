@@ -19,8 +19,7 @@ trained on different rewards, so they are *evaluated* the same way: BLEU and chr
 can be found; the bench passes its ``evaluation`` to every cell as recipe overrides, so every cell's
 ``eval.json`` is on one scale. A cell whose ``eval.json`` already has ``after`` and whose saved recipe is the
 one the bench would run now is skipped, so an interrupted benchmark resumes (and a cell run with another
-evaluation or budget is run again). When the base recipe has a warm start, it is trained once into
-``OUTPUT/warmstart`` and every cell starts from it (same initial policy for all schemes).
+evaluation or budget is run again).
 
 The report: ``results.md`` and ``results.csv`` (mean ± std over seeds of the held-out scores and the
 stability indicators of :mod:`mtrl.stability`); ``reward_curves.png``: one panel per scheme of its training
@@ -36,7 +35,6 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ import yaml
 from mtrl.errors import MtrlError
 from mtrl.io import atomic_open
 from mtrl.recipe import Recipe, dump_recipe, load_recipe, yaml_error
-from mtrl.stability import EDGE_ROWS, SEED_STD_DDOF, SMOOTH_WINDOW, load_eval_curve, load_metrics, smooth
+from mtrl.stability import EDGE_ROWS, SMOOTH_WINDOW, load_eval_curve, load_metrics, seed_band, smooth
 
 BENCH_KEYS = ("base", "evaluation", "output", "overrides", "schemes", "seeds")
 EVALUATION_KEYS = ("comet", "detector")
@@ -141,11 +139,10 @@ def cell_dir(bench: Bench, scheme: str, seed: int) -> Path:
     return bench.output / "runs" / scheme / f"seed-{seed}"
 
 
-def cell_recipe(bench: Bench, scheme: str, seed: int, shared: Sequence[str] = (),
-                evaluation: dict[str, Any] | None = None) -> Recipe:
-    """A cell's recipe: base, common overrides, the shared warm start, the scheme, its seed and run directory,
-    and last the bench's evaluation (``evaluation``: that with COMET dropped when it is not at hand)."""
-    return load_recipe(bench.base, [*bench.overrides, *shared, *bench.schemes[scheme], f"seed={seed}",
+def cell_recipe(bench: Bench, scheme: str, seed: int, evaluation: dict[str, Any] | None = None) -> Recipe:
+    """A cell's recipe: base, common overrides, the scheme, its seed and run directory, and last the bench's
+    evaluation (``evaluation``: that with COMET dropped when it is not at hand)."""
+    return load_recipe(bench.base, [*bench.overrides, *bench.schemes[scheme], f"seed={seed}",
                                     f"run_dir={cell_dir(bench, scheme, seed)}",
                                     evaluation_override(evaluation or bench.evaluation)])
 
@@ -187,14 +184,6 @@ def run_bench(path: str | Path, quiet: bool = False) -> Path:
 
     bench = load_bench(path)
     bench.output.mkdir(parents=True, exist_ok=True)
-    base = load_recipe(bench.base, bench.overrides)
-    shared: list[str] = []
-    if base.warm_start.enabled and base.policy.model == "warmstart":
-        from mtrl.warmstart import warm_start
-
-        print("mtrl bench: warm start (shared by every cell) ...", file=sys.stderr)
-        model = warm_start(base.warm_start.options, bench.output, progress=not quiet)
-        shared = [f"policy.model={model}", "warm_start.enabled=false"]
     evaluation = dict(bench.evaluation)
     comet_skipped = comet_unavailable(evaluation["comet"])
     if comet_skipped and evaluation["comet"]:
@@ -203,7 +192,7 @@ def run_bench(path: str | Path, quiet: bool = False) -> Path:
     cells = [(s, seed) for seed in bench.seeds for s in bench.schemes]  # every scheme once before any repeats
     for i, (scheme, seed) in enumerate(cells, 1):
         run_dir = cell_dir(bench, scheme, seed)
-        recipe = cell_recipe(bench, scheme, seed, shared, evaluation)
+        recipe = cell_recipe(bench, scheme, seed, evaluation)
         name = f"mtrl bench: [{i}/{len(cells)}] {scheme} seed {seed}"
         if is_done(run_dir):
             changed = changed_sections(run_dir, recipe)
@@ -339,7 +328,7 @@ def write_report(bench: Bench, bench_path: Path, comet_skipped: str | None = Non
     online = {s: d for s, d in dirs.items() if "final_reward" in df.columns
               and df[df["scheme"] == s]["final_reward"].notna().any()}
     if online:
-        plot_reward_curves(online, {s: d for s, d in dirs.items() if d}, out / "reward_curves.png")
+        plot_reward_changes(online, {s: d for s, d in dirs.items() if d}, out / "reward_curves.png")
         plot_kl_entropy(online, out / "kl_entropy.png")
     recipes = out / "recipes"
     recipes.mkdir(exist_ok=True)
@@ -364,13 +353,6 @@ def reward_change(metrics: pd.DataFrame, window: int = SMOOTH_WINDOW, start_rows
     r = metrics.set_index("step")["reward_mean"].astype(float)
     k = max(1, min(start_rows, len(r) // 5))
     return smooth(r - r.iloc[:k].mean(), window)
-
-
-def seed_band(curves: list[pd.Series]) -> pd.DataFrame:
-    """Per step: mean, std (0 for one seed) and number of the seeds' curves; steps as index."""
-    wide = pd.concat(curves, axis=1).sort_index()  # outer join on step: seeds may stop at different steps
-    return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=SEED_STD_DDOF).fillna(0.0),
-                         "n": wide.notna().sum(axis=1)})
 
 
 def reward_change_bands(runs: dict[str, list[Path]], window: int = SMOOTH_WINDOW) -> dict[str, pd.DataFrame]:
@@ -412,8 +394,8 @@ def _band(ax: Any, band: pd.DataFrame, color: Any, label: str, **kw: Any) -> Non
                     linewidth=0)
 
 
-def plot_reward_curves(online: dict[str, list[Path]], runs: dict[str, list[Path]], out: Path,
-                       window: int = SMOOTH_WINDOW) -> Path:
+def plot_reward_changes(online: dict[str, list[Path]], runs: dict[str, list[Path]], out: Path,
+                        window: int = SMOOTH_WINDOW) -> Path:
     """One panel per online scheme (reward change from its start) and a panel of held-out chrF (PNG).
 
     ``online``: schemes with rollout rewards in ``metrics.jsonl``; ``runs``: every scheme (for chrF).

@@ -76,23 +76,13 @@ def _field(row: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 def load_score_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Input rows as dicts with ``src``/``mt``/``ref`` (plus whatever else the input had)."""
-    from mtrl.detectors.gold import read_mqm_tsv
-    from mtrl.io import read_jsonl, read_lines
+    from mtrl.io import read_lines
+    from mtrl.translations import read_translations
 
     if args.input:
         if args.src or args.hyp or args.ref:
             raise MtrlError("give either --input or --src/--hyp/--ref, not both")
-        raw = read_mqm_tsv(args.input) if args.input.endswith(".tsv") else read_jsonl(args.input)
-        rows = []
-        for i, r in enumerate(raw, 1):
-            mt, src, ref = (_field(r, ("mt", "hypothesis")), _field(r, ("src", "source")),
-                            _field(r, ("ref", "reference")))
-            if not isinstance(mt, str):
-                raise MtrlError(f"{args.input}: row {i} has no text field 'mt' (or 'hypothesis')")
-            for name, v in (("src", src), ("ref", ref)):
-                if v is not None and not isinstance(v, str):
-                    raise MtrlError(f"{args.input}: row {i}: field '{name}' must be a string")
-            rows.append({**r, "src": src, "mt": mt, "ref": ref})
+        rows = read_translations(args.input)
         where = args.input
     else:
         if not args.hyp:
@@ -209,11 +199,6 @@ def _recipe_model(recipe: Any) -> str:
     """The recipe's initial policy, whose tokenizer the rewards are for."""
     from mtrl.policy import resolve_model
 
-    if recipe.policy.model == "warmstart":
-        path = Path(recipe.run_dir) / "warmstart"
-        if not (path / "tokenizer.json").exists():
-            raise MtrlError(f"the recipe's warm start is not trained yet ({path}); give --tokenizer")
-        return str(path)
     return resolve_model(recipe.policy.model)
 
 
@@ -289,9 +274,10 @@ def add_score_parser(sub: Any) -> None:
 # --------------------------------------------------------------------------- label
 def cmd_label(args: argparse.Namespace) -> int:
     from mtrl.detectors import DetectorConfig
-    from mtrl.label import label, print_summary, read_mt_outputs, sample_rows
+    from mtrl.label import label, print_label_summary, sample_rows
     from mtrl.rewards import Rewarder
     from mtrl.score import load_tokenizer
+    from mtrl.translations import read_translations
 
     if bool(args.input) == bool(args.policy):
         raise MtrlError("give either --input (existing MT outputs) or --policy with --samples and --data")
@@ -310,11 +296,15 @@ def cmd_label(args: argparse.Namespace) -> int:
         from mtrl.datasets import load_pairs
 
         pairs = load_pairs(args.data, limit=args.max_sources)
-        rows = sample_rows(args.policy, pairs, args.samples, args.temperature, args.max_new_tokens,
-                           seed=args.seed, src_lang=args.src_lang, tgt_lang=args.tgt_lang, progress=not args.quiet,
-                           cache=output.with_name(output.name + ".samples.jsonl"))
+        from mtrl.policy import PolicyConfig, build_policy
+
+        rows = sample_rows(lambda: build_policy(PolicyConfig(model=args.policy), args.policy, args.src_lang,
+                                                args.tgt_lang),
+                           pairs, args.samples, args.temperature, args.max_new_tokens, seed=args.seed,
+                           progress=not args.quiet, cache=output.with_name(output.name + ".samples.jsonl"),
+                           policy_id={"model": args.policy, "src_lang": args.src_lang, "tgt_lang": args.tgt_lang})
     else:
-        rows = read_mt_outputs(args.input, args.ref_column)
+        rows = read_translations(args.input, args.ref_column)
     if not rows:
         raise MtrlError("no rows to label")
     tok_name = args.tokenizer or args.policy
@@ -328,7 +318,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     counts = label(rows, output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
     if args.policy:  # the labels are complete: the sampled rows are in OUTPUT now
         output.with_name(output.name + ".samples.jsonl").unlink(missing_ok=True)
-    print_summary(counts, output)
+    print_label_summary(counts, output)
     return 0
 
 
@@ -366,7 +356,7 @@ def add_label_parser(sub: Any) -> None:
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from mtrl.recipe import load_recipe
-    from mtrl.runner import print_summary, run
+    from mtrl.runner import print_run_summary, run
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.run_dir:
@@ -378,7 +368,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     state = PartialState()
     if state.is_main_process:  # under torchrun / accelerate launch: one table
-        print_summary(results, recipe.run_dir)
+        print_run_summary(results, recipe.run_dir)
     state.wait_for_everyone()
     state.destroy_process_group()  # a process that exits with gloo's threads still up is aborted
     return 0
@@ -386,13 +376,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a translation model with RL from a YAML recipe",
-                       description="Run a recipe: warm start (optional), RL with token-level rewards, "
-                                   "evaluation before/after. Overrides look like algorithm.kl_coef=0.05.")
+                       description="Run a recipe: RL with token-level rewards, evaluation before/after. "
+                                   "Overrides look like algorithm.kl_coef=0.05.")
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of recipe entries")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--overwrite", action="store_true",
-                   help="start a finished or stopped run again in its run directory (keeps a cached warm start)")
+                   help="start a finished or stopped run again in its run directory")
     p.add_argument("--run-dir", help="override the recipe's run_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_train)
@@ -527,12 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_parser(sub)
     add_bench_parsers(sub)
     add_eval_parser(sub)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
     return parser
-
-
-_EXTRA_COMMANDS: list[Any] = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def load_parallel(
         kind = suffixes[-1] if suffixes else ""
         _no_split(split, str(path))
         if kind in (".jsonl", ".json"):
-            pairs = read_jsonl(path, src_field, ref_field)
+            pairs = read_jsonl_pairs(path, src_field, ref_field)
         elif kind == ".tsv":
             pairs = read_tsv(path, src_field, ref_field)
         else:
@@ -90,8 +90,8 @@ def read_text_pair(src_path: PathLike, ref_path: PathLike) -> list[Pair]:
     return list(zip(src, ref))
 
 
-def read_jsonl(path: PathLike, src_field: str | None = None, ref_field: str | None = None) -> list[Pair]:
-    """One JSON object a line; blank lines are skipped."""
+def read_jsonl_pairs(path: PathLike, src_field: str | None = None, ref_field: str | None = None) -> list[Pair]:
+    """(source, reference) pairs of a JSON-lines file, one object a line; blank lines are skipped."""
     src_names, ref_names = _names(src_field, SOURCE_FIELDS), _names(ref_field, REFERENCE_FIELDS)
     return [(_field(obj, src_names, path, i), _field(obj, ref_names, path, i)) for i, obj in numbered_jsonl(path)]
 

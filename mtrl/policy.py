@@ -21,6 +21,7 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -31,7 +32,9 @@ from mtrl.errors import MtrlError, one_line
 from mtrl.sampling import sampling_kwargs
 from mtrl.schema import Range
 
-TINY_MARIAN = "mtrl:tiny-marian"  # policy.model name of the shipped warm start (mtrl/data/tiny-marian)
+TINY_MARIAN = "mtrl:tiny-marian"  # the policy.model name of the shipped tiny Marian model
+TINY_MARIAN_DIR = Path(__file__).parent / "data" / "tiny-marian"  # its files (fp16 weights; mtrl/data/README.md)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # policy.dtype
 
 
 @dataclass
@@ -44,7 +47,7 @@ class LoraConfig:
 
 @dataclass
 class PolicyConfig:
-    model: str = ""  # hub id, local path, "mtrl:tiny-marian" (shipped) or "warmstart" (trained by warm_start); required
+    model: str = ""  # hub id, local path or "mtrl:tiny-marian" (shipped); required
     kind: Literal["auto", "seq2seq", "causal"] = "auto"
     tokenizer: str | None = None  # defaults to the model's
     # Causal LMs: the user turn / prompt. {source}, {src_lang}, {tgt_lang} are filled in.
@@ -56,7 +59,7 @@ class PolicyConfig:
     tgt_lang_code: str | None = None
     max_source_tokens: Annotated[int, Range(ge=1)] = 256
     lora: LoraConfig | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # auto: the checkpoint's own
     gradient_checkpointing: bool = False
     # PPO value head: a linear head on the final hidden state. "detached": the value loss trains the head only
     # (a large, noisy value loss cannot swamp the policy gradient through the shared trunk); "shared": also the trunk.
@@ -85,8 +88,8 @@ def detect_kind(config: Any) -> str:
 
 
 def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | None = None,
-                             dtype: str = "float32") -> tuple[Any, Any, str]:
-    """Load a hub id or local directory; one clear error when it cannot be had offline."""
+                             dtype: str = "fp32") -> tuple[Any, Any, str]:
+    """Load a hub id or local directory; one clear error when it cannot be had (no network, wrong path)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     name = resolve_model(name)
@@ -97,11 +100,11 @@ def load_model_and_tokenizer(name: str, kind: str = "auto", tokenizer: str | Non
         # transformers 5 draws from the global RNG while loading (it initialises weights the checkpoint then
         # overwrites); a run's seed must mean the same sampling stream whatever the transformers version.
         with torch.random.fork_rng(devices=[]):
-            model = cls.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+            model = cls.from_pretrained(name, dtype=dtype if dtype == "auto" else TORCH_DTYPES[dtype])
         tok = AutoTokenizer.from_pretrained(tokenizer or name)
     except OSError as e:
         raise MtrlError(f"cannot load model {name!r}: {one_line(e)} "
-                        "(offline? give a local directory saved with save_pretrained)") from None
+                        "(no network? give a local directory saved with save_pretrained)") from None
     _refreeze(model, cls, config)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -367,11 +370,7 @@ def apply_lora(model: Any, kind: str, cfg: Any) -> Any:
 
 def resolve_model(name: str) -> str:
     """``mtrl:tiny-marian`` -> the shipped model's directory; anything else unchanged (hub id or path)."""
-    if name == TINY_MARIAN:
-        from mtrl.warmstart import TINY_MARIAN as shipped
-
-        return str(shipped)
-    return name
+    return str(TINY_MARIAN_DIR) if name == TINY_MARIAN else name
 
 
 def trainer_checkpointing(enabled: bool) -> dict[str, bool]:

@@ -3,11 +3,12 @@
 A recipe is YAML whose sections are the config classes of the modules that use
 them (``policy``/``generation``: :mod:`mtrl.policy`; ``detector``:
 :mod:`mtrl.detectors`; ``reward``: :mod:`mtrl.rewards`; ``algorithm``: the chosen
-algorithm's own config in :mod:`mtrl.algorithms`; ``offline``: :mod:`mtrl.label`).
+algorithm's own config in :mod:`mtrl.algorithms`; ``offline``: :mod:`mtrl.algorithms.offline_data`).
 Loading checks every key and value and names the bad key with the closest valid
 one or the allowed values; a key the chosen algorithm does not use is an error
 that names the algorithm. Every numeric key declares its range next to it
-(``Annotated[int, Range(ge=1)]``, see :mod:`mtrl.schema`), checked here on load.
+(``Annotated[int, Range(ge=1)]``), checked on load by :func:`mtrl.schema.build`; the rules that
+tie keys together are in :func:`_check_semantics`.
 ``key.sub=value`` overrides (from the command line) are applied before validation.
 The resolved recipe is saved in the run directory.
 """
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,21 +24,13 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from mtrl.algorithms import ALGORITHMS, AlgorithmConfig, PPOConfig
+from mtrl.algorithms.offline_data import OfflineConfig
 from mtrl.detectors import DetectorConfig
 from mtrl.errors import MtrlError
 from mtrl.evaluate import EvaluationConfig
-from mtrl.label import OfflineConfig
 from mtrl.policy import GenerationConfig, PolicyConfig
 from mtrl.rewards import RewardConfig
-from mtrl.schema import FINITE, Range
-
-
-@dataclass
-class WarmStartSection:
-    """Supervised warm start of a tiny Marian model (the offline quickstart); see mtrl.warmstart."""
-
-    enabled: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+from mtrl.schema import Range, build
 
 
 @dataclass
@@ -72,7 +62,6 @@ class Recipe:
     run_dir: str = "runs/mtrl"
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    warm_start: WarmStartSection = field(default_factory=WarmStartSection)
     data: DataConfig = field(default_factory=DataConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -87,109 +76,6 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------- validation
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, dict):
-        return origin.__name__
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, where: str, rng: Range = FINITE, nullable: bool = False) -> Any:
-    """Check ``value`` against the annotation ``tp``; build nested dataclasses. A number must lie in ``rng``
-    (its declared :class:`Range`, or any finite number); ``nullable``: null is allowed too (for the message)."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:  # a number and its declared range
-        base, *meta = typing.get_args(tp)
-        declared = [m for m in meta if isinstance(m, Range)]
-        return _convert(value, base, where, declared[0] if declared else rng, nullable)
-    if origin in (typing.Union, types.UnionType):
-        others = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is not None and len(others) == 1:  # X | None: X's own message says what is wrong
-            return _convert(value, others[0], where, nullable=True)
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg, where)
-            except MtrlError:
-                pass
-        raise MtrlError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise MtrlError(f"{where}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise MtrlError(f"{where}: {value!r} is not allowed; allowed: "
-                        + ", ".join(repr(a) for a in typing.get_args(tp)))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise MtrlError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin is tuple:  # fixed length, from a YAML list
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise MtrlError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, list):
-            raise MtrlError(f"{where}: expected a list, got {value!r}")
-        (arg,) = typing.get_args(tp)
-        return [_convert(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise MtrlError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp)
-        return {k: _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp in (int, float):
-        number = _number(value, tp, where)
-        if number not in rng:
-            shown = number if isinstance(value, str) else value  # as written; 'nan' read as a string shows nan
-            raise MtrlError(f"{where}: must be {rng}{' or null' if nullable else ''}, got {shown!r}")
-        return number
-    if isinstance(value, tp):
-        return value
-    raise MtrlError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _number(value: Any, tp: type, where: str) -> int | float:
-    """``value`` as an int or a float (an int is a float too; YAML 1.1 reads 2e-5, no dot, as a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (tp is int and not isinstance(value, int)):
-        raise MtrlError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if tp is int:
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise MtrlError(f"{where}: expected float, got {value!r}") from None
-    except OverflowError:  # an int too large for a float
-        raise MtrlError(f"{where}: must be a finite number, got {value!r}") from None
-
-
-def _build(cls: Any, data: dict[str, Any], where: str, owner: str = "") -> Any:
-    hints = typing.get_type_hints(cls, include_extras=True)  # with the declared ranges
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise MtrlError(f"unknown key '{path}'{owner}{hint}")
-        if cls is Recipe and key == "algorithm":
-            kwargs[key] = _algorithm(value, path)
-        else:
-            kwargs[key] = _convert(value, hints[key], path)
-    return cls(**kwargs)
-
-
 def _algorithm(value: Any, where: str) -> AlgorithmConfig:
     """The ``algorithm:`` section, validated against the config class of ``algorithm.name``."""
     if not isinstance(value, dict):
@@ -198,7 +84,7 @@ def _algorithm(value: Any, where: str) -> AlgorithmConfig:
     if name not in ALGORITHMS:
         raise MtrlError(f"{where}.name: {name!r} is not allowed; allowed: " + ", ".join(map(repr, ALGORITHMS)))
     try:
-        return _build(ALGORITHMS[name][0], value, where, owner=f" (algorithm {name} does not use it)")
+        return build(ALGORITHMS[name][0], value, where, owner=f" (algorithm {name} does not use it)")
     except MtrlError as e:
         if "does not use it" not in str(e):
             raise
@@ -208,12 +94,12 @@ def _algorithm(value: Any, where: str) -> AlgorithmConfig:
 
 def _check_semantics(r: Recipe) -> None:
     a = r.algorithm
+    lo_hi = getattr(a, "return_range", None)  # qsft's
     checks = [  # what one key's declared range cannot say (each number's range is checked on load)
         (a.name != "rloo" or a.samples_per_prompt >= 2, "algorithm.samples_per_prompt must be >= 2 for rloo"),
         (a.name != "qsft" or r.reward.mode in ("token", "sentence"), "reward.mode must be 'token' or 'sentence' for qsft"),
-        (bool(r.policy.model), "policy.model is required (a hub id, a local path, 'mtrl:tiny-marian' or 'warmstart')"),
-        (r.policy.model != "warmstart" or r.warm_start.enabled,
-         "policy.model is 'warmstart' but warm_start.enabled is false"),
+        (lo_hi is None or lo_hi[1] > lo_hi[0], f"algorithm.return_range: must be [lo, hi] with hi > lo, got {lo_hi and list(lo_hi)}"),
+        (bool(r.policy.model), "policy.model is required (a hub id, a local path or 'mtrl:tiny-marian')"),
         (r.detector.name != "gold" or r.detector.path, "detector.path is needed for the gold detector"),
     ]
     for ok, msg in checks:
@@ -245,7 +131,7 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:
                     raise MtrlError(f"override {ov!r}: '{k}' is not a section")
             node = node[k]
         node[keys[-1]] = value
-    recipe = _build(Recipe, data, "")
+    recipe = build(Recipe, data, sections={"algorithm": _algorithm})
     _check_semantics(recipe)
     return recipe
 

@@ -1,12 +1,10 @@
 """The run directory: checkpoints, resume, ``--overwrite``, the metrics log (used by :mod:`mtrl.runner`).
 
-Nothing in the run directory is created, changed or deleted until every check of the runner has passed
-(a warm start is the exception: it is cached in ``run_dir/warmstart`` as it is trained). So a bad
-path, a missing detector checkpoint or an algorithm that refuses the policy costs seconds, not a
+Nothing in the run directory is created, changed or deleted until every check of the runner has passed.
+So a bad path, a missing detector checkpoint or an algorithm that refuses the policy costs seconds, not a
 "before" evaluation, and takes nothing away. If a new run fails before training started (in the
 "before" evaluation, or Ctrl-C), what it wrote is removed again, and the run directory too when
-this run created it (a trained warm start is kept for the next attempt). A resumed run that fails
-leaves everything in place: resume it again.
+this run created it. A resumed run that fails leaves everything in place: resume it again.
 
 ``--overwrite`` does not delete the previous run up front: when the new run starts, the previous
 outputs (checkpoints, final/, metrics.jsonl, eval.json, recipe.yaml, ...) are moved into
@@ -62,7 +60,7 @@ from mtrl.errors import MtrlError, one_line
 from mtrl.io import atomic_open, read_log
 from mtrl.recipe import Recipe, dump_recipe, recipe_from_dict
 
-# What a run writes in its run directory; ``--overwrite`` moves these aside (a cached warm start stays).
+# What a run writes in its run directory; ``--overwrite`` moves these aside.
 OUTPUTS = ("checkpoints", "final", "tensorboard", "offline", "grpo", "metrics.jsonl", "eval.json",
            "recipe.yaml", "changes.jsonl")
 PREVIOUS = ".previous-run"  # the outputs an --overwrite is replacing, until the new run finishes
@@ -366,7 +364,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                         f"with --resume (which then deletes it), or move {previous} back or delete it yourself")
     if not resume and not overwrite and (holds_run(run_dir) or previous.exists()):
         raise MtrlError(f"{run_dir} already holds a run; use --resume to continue it, --overwrite to start "
-                        "it again (a cached warm start is kept), or another run_dir")
+                        "it again, or another run_dir")
 
 
 def _remove_outputs(run_dir: Path) -> None:
@@ -433,12 +431,8 @@ class RunDirGuard:
             self._remove_if_created()
 
     def _remove_if_created(self) -> None:
-        """A run directory this run created goes again; a trained warm start in it is kept (minutes of work)."""
-        if self.existed or not self.run_dir.is_dir():
-            return
-        if (self.run_dir / "warmstart").exists():
-            print(f"mtrl: kept the warm start in {self.run_dir / 'warmstart'} for the next attempt", file=sys.stderr)
-        else:
+        """A run directory this run created goes again."""
+        if not self.existed and self.run_dir.is_dir():
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def finished(self) -> None:

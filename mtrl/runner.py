@@ -1,18 +1,22 @@
-"""The runner: what every algorithm shares, from a recipe to checkpoints, logs and ``eval.json``.
+"""The runner: a recipe from start to finish, in four parts, each a function below.
 
-``mtrl train RECIPE.yaml`` calls :func:`run`: check the run directory, load the data, build the
-detector (and load its model), get the initial policy (the shipped tiny model, a hub id or path,
-or a supervised warm start), build the :class:`~mtrl.rewards.Rewarder` and the recipe's algorithm
-(:mod:`mtrl.algorithms`), read the checkpoint to resume from; only then start the run, evaluate
-before (once), train and evaluate after. On-policy algorithms (PPO, REINFORCE, RLOO) are stepped
-here, with checkpoints and resume; whole-run ones (GRPO, Q-SFT, TWA, best-of-n, DPO) get one ``fit`` call.
+1. :func:`setup`: check the run directory, load the data, build the detectors, the policy (the shipped tiny
+   model, a hub id or a path), the :class:`~mtrl.rewards.Rewarder` and the recipe's algorithm, and read the
+   checkpoint to resume from: everything that can fail on the user's input, before the run directory
+   changes. Then the run starts: the previous run moves aside (``--overwrite``), the recipe is written;
+2. :func:`evaluate`: the initial policy before training (once; kept in ``eval.json`` across resumes), and
+   the trained one after;
+3. :func:`train`: an online algorithm (:class:`~mtrl.algorithms.OnlineAlgorithm`) is stepped here, with
+   logging, checkpoints, ``--resume`` and stop signals; an offline one gets one ``fit`` call;
+4. :func:`finish`: ``final/`` and ``eval.json``.
 
-Processes: launched by ``torchrun`` or ``accelerate launch`` (DDP; FSDP or DeepSpeed through accelerate's
-own configs), every process takes its own ``algorithm.batch_size`` sources of each step (the global batch
-is batch_size x processes), samples from its own RNG stream, and makes its own rollouts and rewards; the
-update averages gradients, advantage whitening and the logged metrics use the global batch. Evaluation is
+Processes: launched by ``torchrun`` or ``accelerate launch`` (DDP; accelerate's FSDP and DeepSpeed
+configs are accepted, see the README for what has run), every process takes its own
+``algorithm.batch_size`` sources of each step (the global batch is batch_size x processes), samples from
+its own RNG stream, and makes its own rollouts and rewards; the update averages gradients, and advantage
+whitening and the logged metrics use the global batch (:mod:`mtrl.algorithms.common`). Evaluation is
 sharded across processes and gathered. Only the main process writes (``metrics.jsonl``, checkpoints,
-``final/``, ``eval.json``) and prints. This module is the one place that knows about processes.
+``final/``, ``eval.json``) and prints. Offline algorithms run in one process.
 
 The run directory itself (what may be created, overwritten, resumed, and when) is
 :mod:`mtrl.rundir`.
@@ -35,12 +39,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mtrl.algorithms import RunContext, build_algorithm
+from mtrl.algorithms import (
+    OFFLINE,
+    FitResult,
+    OfflineAlgorithm,
+    OfflineData,
+    OnlineAlgorithm,
+    RunLog,
+    build_offline,
+    build_online,
+)
+from mtrl.algorithms.offline_data import offline_rows
 from mtrl.datasets import batch_indices, load_pairs
 from mtrl.errors import MtrlError, one_line
 from mtrl.evaluate import comet_scores, score_translations, translate
 from mtrl.io import write_json
-from mtrl.policy import build_policy, resolve_model
+from mtrl.policy import Policy, build_policy
 from mtrl.recipe import Recipe
 from mtrl.rewards import Rewarder
 from mtrl.rundir import (
@@ -73,17 +87,6 @@ def seed_everything(seed: int) -> None:
 def process_seed(seed: int, rank: int) -> int:
     """The sampling seed of process ``rank`` under data parallelism (its own stream)."""
     return seed + 100_003 * rank
-
-
-def initial_model(recipe: Recipe, run_dir: Path, quiet: bool) -> str:
-    """The weights RL starts from: a supervised warm start trained here (cached), or ``policy.model``."""
-    if recipe.policy.model == "warmstart":
-        from mtrl.warmstart import warm_start
-
-        if not quiet:
-            print("mtrl: warm start (supervised) ...", file=sys.stderr)
-        return str(warm_start(recipe.warm_start.options, run_dir, progress=not quiet))
-    return resolve_model(recipe.policy.model)
 
 
 def load_data(d: Any) -> tuple[list[Pair], list[Pair] | None]:
@@ -144,138 +147,206 @@ def read_prior(recipe: Recipe, run_dir: Path, device: Any, quiet: bool = False) 
                  kept_metrics(run_dir, ckpt.step), float(wall))
 
 
+@dataclass
+class Run:
+    """What :func:`setup` built, and what the other parts read."""
+
+    recipe: Recipe
+    accelerator: Any
+    n_proc: int  # read once: TRL's trainers reset accelerate's state that the accelerator reads them from
+    rank: int
+    guard: RunDirGuard
+    train_pairs: list[Pair]
+    eval_pairs: list[Pair] | None
+    policy: Policy
+    rewarder: Rewarder
+    eval_detector: Any  # evaluation.detector, or None: the rewarder's detector
+    algorithm: OnlineAlgorithm | OfflineAlgorithm
+    prior: Prior
+    quiet: bool
+    t_start: float
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.recipe.run_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr)
+
+    def elapsed(self) -> float:
+        """The run's wall time so far, attempts before a resume included."""
+        return self.prior.wall_time_s + (time.perf_counter() - self.t_start)
+
+    def translate_policy(self, sources: Sequence[str]) -> list[str]:
+        return translate(self.policy, sources, self.recipe.generation)
+
+
 def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe end to end; returns ``{"before": ..., "after": ...}`` when there is an eval set."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     t_start = time.perf_counter()
     # cpu=True without a GPU: accelerate then runs torchrun's processes as MULTI_CPU (gloo) data parallelism
     accelerator = Accelerator(cpu=recipe.train.cpu or not torch.cuda.is_available(),
                               mixed_precision=recipe.train.mixed_precision)
-    main, n_proc, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
     quiet = quiet or not main
+    guard, r = RunDirGuard(Path(recipe.run_dir)), None
+    try:
+        r = setup(recipe, accelerator, guard, resume, quiet, overwrite, t_start)
+        results = r.prior.results
+        if r.eval_pairs and "before" not in results:
+            r.log(f"mtrl: evaluating the initial policy on {len(r.eval_pairs)} segments ...")
+            results["before"] = evaluate(r, r.translate_policy)
+            if r.main:
+                write_json(r.run_dir / "eval.json", results)
+        fitted = train(r)
+        finish(r, results, fitted)
+    except BaseException:
+        if main:
+            guard.failed(resumed=r is not None and r.prior.checkpoint is not None)
+        raise
+    if main:
+        guard.finished()
+    return results
+
+
+# --------------------------------------------------------------------------- 1. setup
+def setup(recipe: Recipe, accelerator: Any, guard: RunDirGuard, resume: bool, quiet: bool, overwrite: bool,
+          t_start: float) -> Run:
+    """Everything that can fail on the user's input, then the start of the run (see the module docstring)."""
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
     if quiet:  # transformers' own bars too (loading and saving weights): a quiet run, or not the main process
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     run_dir = Path(recipe.run_dir)
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     check_run_dir(run_dir, resume, overwrite)  # every process reads; none writes before the barrier below
     check_report_to(recipe.train.report_to)
-    guard, ckpt = RunDirGuard(run_dir), None
+    if n_proc > 1 and recipe.algorithm.name in OFFLINE:
+        raise MtrlError(f"algorithm {recipe.algorithm.name} runs in one process; launch it with "
+                        "`mtrl train`, not torchrun or accelerate launch")
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    train_pairs, eval_pairs = load_data(recipe.data)
+    detector = build_detector(recipe.detector)
+    eval_detector = build_detector(recipe.evaluation.detector) if recipe.evaluation.detector else None
+    seed_everything(recipe.seed)  # the same initial weights (and value head) in every process
+    policy = build_policy(recipe.policy, recipe.policy.model, recipe.data.src_lang,
+                          recipe.data.tgt_lang).to(accelerator.device)
+    rewarder = Rewarder(recipe.reward, detector, policy.tokenizer, use_reference=recipe.detector.use_reference)
+    # the algorithm owns its optimiser, reference model and value head, if any (GRPO refuses seq2seq here)
+    build = build_offline if recipe.algorithm.name in OFFLINE else build_online
+    algorithm = build(recipe.algorithm, policy, rewarder, recipe.generation, accelerator, recipe.train.steps)
+    if n_proc > 1:  # each process samples from its own stream
+        seed_everything(process_seed(recipe.seed, rank))
+    prior = read_prior(recipe, run_dir, "cpu", quiet) if resume else Prior()
+
+    accelerator.wait_for_everyone()  # the run starts: the run directory changes from here on
+    if accelerator.is_main_process:
+        guard.start(overwrite)
+        write_recipe(run_dir, recipe, prior.step, prior.changes,
+                     (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr)))
+        if prior.checkpoint:
+            set_aside_damaged(prior.damaged, prior.checkpoint.path)
+    return Run(recipe, accelerator, n_proc, rank, guard, train_pairs, eval_pairs, policy, rewarder, eval_detector, algorithm,
+               prior, quiet, t_start)
+
+
+# --------------------------------------------------------------------------- 2. evaluate
+def evaluate(r: Run, translate_fn: Callable[[Sequence[str]], list[str]], comet: bool = True) -> dict[str, Any]:
+    """Each process translates and scores its share of the eval set; the shares are gathered.
+    COMET (``evaluation.comet``) scores the before/after evaluations, not those during training."""
+    from accelerate.utils import gather_object
+
+    pairs, n_proc, rank = r.eval_pairs, r.n_proc, r.rank
+    detect = r.eval_detector.detect if r.eval_detector else r.rewarder.detect
+    rng = rng_state()  # evaluation must not shift the sampling RNG
+    mine = list(range(rank, len(pairs), n_proc))
+    src, ref = [pairs[i][0] for i in mine], [pairs[i][1] for i in mine]
+    hyps = translate_fn(src)
+    hyps_all, dets_all = [""] * len(pairs), [None] * len(pairs)
+    for idx, hs, ds in gather_object([(mine, hyps, detect(src, hyps, ref))]):
+        for i, h, d in zip(idx, hs, ds, strict=True):
+            hyps_all[i], dets_all[i] = h, d
+    sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
+    out = score_translations(sources, hyps_all, refs, dets_all)
+    if r.recipe.evaluation.comet and comet and r.main:
+        out["comet"] = comet_scores(r.recipe.evaluation.comet, sources, hyps_all, refs)
+    set_rng_state(rng)
+    return out
+
+
+# --------------------------------------------------------------------------- 3. train
+def train(r: Run) -> FitResult:
+    """Train the policy in place: step an online algorithm, or fit an offline one."""
+    recipe = r.recipe
+    logger = MetricsLogger(r.run_dir, recipe.train.report_to, recipe, r.prior.metrics) if r.main else NoLogger()
+    r.guard.training = True
     try:
-        # 1. everything that can fail on the user's input, before the run directory changes:
-        #    the data, the detectors, the policy, the algorithm, the checkpoint to resume from
-        if recipe.train.threads:
-            torch.set_num_threads(recipe.train.threads)
-        seed_everything(recipe.seed)
-        train_pairs, eval_pairs = load_data(recipe.data)
-        detector = build_detector(recipe.detector)
-        eval_detector = build_detector(recipe.evaluation.detector) if recipe.evaluation.detector else None
-        model_path = initial_model(recipe, run_dir, quiet)
-        seed_everything(recipe.seed)  # the same initial weights (and value head) in every process
-        policy = build_policy(recipe.policy, model_path, recipe.data.src_lang,
-                              recipe.data.tgt_lang).to(accelerator.device)
-        rewarder = Rewarder(recipe.reward, detector, policy.tokenizer, use_reference=recipe.detector.use_reference)
-        # the algorithm owns its optimiser, reference model and value head, if any (GRPO refuses seq2seq here)
-        algo = build_algorithm(recipe.algorithm, policy, rewarder, recipe.generation, accelerator, recipe.train.steps)
-        if n_proc > 1 and not hasattr(algo, "step"):
-            raise MtrlError(f"algorithm {recipe.algorithm.name} runs in one process; launch it with "
-                            "`mtrl train`, not torchrun or accelerate launch")
-        if n_proc > 1:  # each process samples from its own stream
-            seed_everything(process_seed(recipe.seed, rank))
-        prior = read_prior(recipe, run_dir, "cpu", quiet) if resume else Prior()
-        ckpt, start_step, results = prior.checkpoint, prior.step, prior.results
-        elapsed = lambda: prior.wall_time_s + (time.perf_counter() - t_start)  # noqa: E731
+        if recipe.algorithm.name in OFFLINE:
+            return fit_offline(r, r.algorithm, RunLog(r.log, logger.log, progress=not r.quiet))
+        train_online(r, r.algorithm, logger)
+        return FitResult()
+    finally:
+        logger.close()
 
-        # 2. the run starts: the previous run moves aside (--overwrite), the recipe is written
-        accelerator.wait_for_everyone()
-        if main:
-            guard.start(overwrite)
-            write_recipe(run_dir, recipe, start_step, prior.changes, log)
-            if ckpt:
-                set_aside_damaged(prior.damaged, ckpt.path)
 
-        # 3. evaluation before training, once (kept in eval.json across resumes), of the initial policy
-        eval_detect = eval_detector.detect if eval_detector else rewarder.detect
+def fit_offline(r: Run, algorithm: OfflineAlgorithm, log: RunLog) -> FitResult:
+    """One ``fit`` call; the labelled rows are sampled and labelled into ``offline/`` when it asks for them."""
+    recipe = r.recipe
+    data = OfflineData(r.train_pairs, lambda: offline_rows(recipe.offline, r.policy, r.rewarder, r.train_pairs,
+                                                           r.run_dir / "offline", recipe.generation.max_new_tokens,
+                                                           recipe.seed, log),
+                       seed=recipe.seed, temperature=recipe.offline.temperature)
+    return algorithm.fit(data, log)
 
-        def evaluate(translate_fn: Any, comet: bool = True) -> dict[str, Any]:
-            """Each process translates and scores its share of the eval set; the shares are gathered.
-            COMET (``evaluation.comet``) scores the before/after evaluations, not those during training."""
-            rng = rng_state()  # evaluation must not shift the sampling RNG
-            mine = list(range(rank, len(eval_pairs), n_proc))
-            src, ref = [eval_pairs[i][0] for i in mine], [eval_pairs[i][1] for i in mine]
-            hyps = translate_fn(src)
-            hyps_all, dets_all = [""] * len(eval_pairs), [None] * len(eval_pairs)
-            for idx, hs, ds in gather_object([(mine, hyps, eval_detect(src, hyps, ref))]):
-                for i, h, d in zip(idx, hs, ds, strict=True):
-                    hyps_all[i], dets_all[i] = h, d
-            sources, refs = [p[0] for p in eval_pairs], [p[1] for p in eval_pairs]
-            out = score_translations(sources, hyps_all, refs, dets_all)
-            if recipe.evaluation.comet and comet and main:
-                out["comet"] = comet_scores(recipe.evaluation.comet, sources, hyps_all, refs)
-            set_rng_state(rng)
-            return out
 
-        results_path = run_dir / "eval.json"
-        policy_translate = lambda sources: translate(policy, sources, recipe.generation)  # noqa: E731
-        if eval_pairs and "before" not in results:
-            log(f"mtrl: evaluating the initial policy on {len(eval_pairs)} segments ...")
-            results["before"] = evaluate(policy_translate)
-            if main:
-                write_json(results_path, results)
-        if ckpt:
-            apply_checkpoint(ckpt, policy, algo)
-            saved = ckpt.state.get("rng_per_process") or [ckpt.state["rng"]]  # one per process of the run
-            if len(saved) == n_proc:
-                set_rng_state(saved[rank])
-            else:
-                log(f"mtrl: warning: resumed with {n_proc} processes where the checkpoint has {len(saved)}; "
-                    "sampling continues from new RNG streams")
-                seed_everything(process_seed(recipe.seed, rank) + start_step)
-            if main:
-                print(f"mtrl: resumed from {ckpt.path} (step {start_step})", file=sys.stderr)  # even with --quiet
+def train_online(r: Run, algorithm: OnlineAlgorithm, logger: Any) -> None:
+    """Resume from the checkpoint, if any, and step to ``train.steps``; a stop signal saves, prints the resume
+    command and raises KeyboardInterrupt."""
+    ckpt, n_proc, rank = r.prior.checkpoint, r.n_proc, r.rank
+    if ckpt:
+        apply_checkpoint(ckpt, r.policy, algorithm)
+        saved = ckpt.state.get("rng_per_process") or [ckpt.state["rng"]]  # one per process of the run
+        if len(saved) == n_proc:
+            set_rng_state(saved[rank])
+        else:
+            r.log(f"mtrl: warning: resumed with {n_proc} processes where the checkpoint has {len(saved)}; "
+                  "sampling continues from new RNG streams")
+            seed_everything(process_seed(r.recipe.seed, rank) + ckpt.step)
+        if r.main:
+            print(f"mtrl: resumed from {ckpt.path} (step {ckpt.step})", file=sys.stderr)  # even with --quiet
+    evaluate_now = (lambda: evaluate(r, r.translate_policy, comet=False)) if r.eval_pairs else None
+    stopped = train_loop(algorithm, r.recipe, r.train_pairs, r.prior.step, logger, r.rewarder, r.quiet,
+                         evaluate=evaluate_now, elapsed=r.elapsed, accelerator=r.accelerator)
+    check_in_sync(r.policy, r.accelerator)
+    if stopped:
+        if r.main:  # even with --quiet: the one line a stopped run must leave
+            print(f"mtrl: stopped at step {stopped}; checkpoint saved. Continue with: "
+                  f"mtrl train {r.run_dir}/recipe.yaml --resume", file=sys.stderr)
+        raise KeyboardInterrupt
 
-        # 4. training
-        logger = MetricsLogger(run_dir, recipe.train.report_to, recipe, prior.metrics) if main else NoLogger()
-        guard.training = True
-        try:
-            if hasattr(algo, "step"):
-                stopped = train_loop(algo, recipe, train_pairs, start_step, logger, rewarder, quiet,
-                                     evaluate=(lambda: evaluate(policy_translate, comet=False)) if eval_pairs else None,
-                                     elapsed=elapsed, accelerator=accelerator)
-                check_in_sync(policy, accelerator)
-                if stopped:
-                    if main:  # even with --quiet: the one line a stopped run must leave
-                        print(f"mtrl: stopped at step {stopped}; checkpoint saved. Continue with: "
-                              f"mtrl train {run_dir}/recipe.yaml --resume", file=sys.stderr)
-                    raise KeyboardInterrupt
-            else:
-                algo.fit(RunContext(train_pairs, run_dir, recipe.seed, model_path, recipe.offline, log,
-                                    logger.log, progress=not quiet))
-        finally:
-            logger.close()
 
-        # 5. the final model, and evaluation after training
-        if main and not getattr(algo, "writes_final", False):
-            save_final(policy, run_dir)
-        if eval_pairs:
-            log(f"mtrl: evaluating the trained policy on {len(eval_pairs)} segments ...")
-            results["after"] = evaluate(getattr(algo, "translate", policy_translate))
-        results["wall_time_s"] = elapsed()
-        if n_proc > 1:
-            results["processes"] = n_proc
-        if main:
-            write_json(results_path, results)
-        accelerator.wait_for_everyone()
-    except BaseException:
-        if main:
-            guard.failed(resumed=ckpt is not None)
-        raise
-    if main:
-        guard.finished()
-    return results
+# --------------------------------------------------------------------------- 4. finish
+def finish(r: Run, results: dict[str, Any], fitted: FitResult) -> None:
+    """``final/`` (the policy and the models the algorithm adds), the evaluation after training, ``eval.json``."""
+    if r.main:
+        save_final(r.policy, r.run_dir, fitted.models)
+    if r.eval_pairs:
+        r.log(f"mtrl: evaluating the trained policy on {len(r.eval_pairs)} segments ...")
+        results["after"] = evaluate(r, fitted.translate or r.translate_policy)
+    results["wall_time_s"] = r.elapsed()
+    if r.n_proc > 1:
+        results["processes"] = r.n_proc
+    if r.main:
+        write_json(r.run_dir / "eval.json", results)
+    r.accelerator.wait_for_everyone()
 
 
 class NoLogger:
@@ -372,20 +443,24 @@ def stopping(stop: StopFlag, accelerator: Any) -> bool:
     return stop.requested
 
 
-def save_final(policy: Any, run_dir: Path) -> Path:
-    """``final/``: the model and tokenizer (save_pretrained), plus the value head when there is one."""
+def save_final(policy: Any, run_dir: Path, models: dict[str, Any] | None = None) -> Path:
+    """``final/``: the model and tokenizer (save_pretrained), the value head when there is one, and each of
+    ``models`` in its own folder (Q-SFT's ``behaviour/``)."""
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.model.save_pretrained(tmp)
     policy.tokenizer.save_pretrained(tmp)
     if policy.value_head is not None:
         torch.save(policy.value_head.state_dict(), tmp / "value_head.pt")
+    for name, model in (models or {}).items():
+        model.save_pretrained(tmp / name)
+        policy.tokenizer.save_pretrained(tmp / name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
-def print_summary(results: dict[str, Any], run_dir: str) -> None:
+def print_run_summary(results: dict[str, Any], run_dir: str) -> None:
     from mtrl.evaluate import format_table
 
     rows = {k: {m: v for m, v in results[k].items() if m in ("bleu", "chrf", "ter", "detector_score")}

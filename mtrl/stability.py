@@ -81,7 +81,7 @@ MIN_SPIKE_ROWS = 20  # fewer rows: no spike counting (median and MAD of a few po
 SPIKE_COLUMNS = ("policy_loss", "value_loss", "grad_norm")
 HACKING_CHRF_DROP = 0.5  # chrF points the held-out score must lose
 SEED_STD_DDOF = 1  # sample std over seeds
-EVAL_METRICS = ("bleu", "chrf", "ter", "detector_score")
+EVAL_SCORES = ("bleu", "chrf", "ter", "detector_score")  # the held-out scores read from a run's eval.json
 
 REQUIRED_KEYS = ("step", "reward_mean")
 _NUMERIC = {"reward_std", "sentence_score_mean", "spans_minor", "spans_major", "spans_critical", "kl", "kl_coef",
@@ -168,7 +168,7 @@ def load_eval_json(run_dir: str | Path) -> dict[str, dict[str, float]]:
         if not isinstance(entry, dict):
             continue
         scores = {}
-        for m in EVAL_METRICS:
+        for m in EVAL_SCORES:
             v = entry.get(m)
             v = v.get("score") if isinstance(v, dict) else v
             if _is_number(v):
@@ -371,23 +371,24 @@ def compare_runs(runs: Mapping[str, list[str | Path]]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- plots
-def seed_band(dirs: list[str | Path], column: str, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
-    """Per step: mean and std over seeds of ``column`` (each seed smoothed first); steps as index."""
-    curves = {}
-    for i, d in enumerate(dirs):
-        df = load_metrics(d)
-        if column in df:
-            curves[i] = smooth(df.set_index("step")[column].astype(float), window)
+def seed_band(curves: list[pd.Series]) -> pd.DataFrame:
+    """Per step: mean, std (0 for one seed) and number of the seeds' curves; steps as index."""
     if not curves:
         return pd.DataFrame(columns=["mean", "std", "n"])
-    wide = pd.DataFrame(curves).sort_index()  # outer join on step: seeds may stop at different steps
+    wide = pd.concat(curves, axis=1).sort_index()  # outer join on step: seeds may stop at different steps
     return pd.DataFrame({"mean": wide.mean(axis=1), "std": wide.std(axis=1, ddof=SEED_STD_DDOF).fillna(0.0),
                          "n": wide.notna().sum(axis=1)})
 
 
+def metric_curves(dirs: list[str | Path], column: str, window: int = SMOOTH_WINDOW) -> list[pd.Series]:
+    """Each run's ``column`` by step, smoothed (runs that do not log it are left out)."""
+    frames = [load_metrics(d) for d in dirs]
+    return [smooth(df.set_index("step")[column].astype(float), window) for df in frames if column in df]
+
+
 def _draw(ax: Any, runs: Mapping[str, list[str | Path]], column: str, window: int) -> None:
     for scheme, dirs in runs.items():
-        band = seed_band(dirs, column, window)
+        band = seed_band(metric_curves(dirs, column, window))
         if band.empty:
             continue
         line = ax.plot(band.index, band["mean"], label=f"{scheme} (n={len(dirs)})")[0]

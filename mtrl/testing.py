@@ -1,4 +1,4 @@
-"""Tiny local stand-ins for hub models, built offline in seconds (no download, no network).
+"""Tiny local stand-ins for hub models, built locally in seconds (no download, no network).
 
 mtrl's tests, the benchmark scripts in ``eval/`` and anyone trying mtrl without a model hub
 need models of the real architectures (a Marian-style seq2seq, a Qwen2-style causal LM,
@@ -6,8 +6,8 @@ xCOMET) and tokenizers of the real families, but not their weights. This module 
 such stand-ins from scratch so that all of them share one definition; it is part of the
 package (not of ``tests/``) so that ``pip install -e .`` alone is enough to run the
 benchmarks. The models are untrained (except the tiny xCOMET, trained for a few steps) and
-translate nothing useful; the offline quickstart's actual translation model is the one
-:mod:`mtrl.warmstart` trains.
+translate nothing useful; the quickstart's actual translation model is the shipped tiny Marian
+(``mtrl:tiny-marian``, built by ``tools/build_tiny_marian.py`` with :func:`train_tokenizer`'s vocabulary).
 
 Everything here is deterministic for a given ``seed``, and all training text comes from the
 Multi30k copy shipped in the package (:func:`mtrl.datasets.load_parallel`, ``"multi30k"``),
@@ -73,6 +73,7 @@ __all__ = [
     "build_unigram",
     "build_wordpiece",
     "get_tokenizer",
+    "train_tokenizer",
     "training_lines",
     "training_pairs",
 ]
@@ -218,6 +219,42 @@ def get_tokenizer(family: str) -> PreTrainedTokenizerFast:
     if family not in _BUILDERS:
         raise ValueError(f"unknown tokenizer family {family!r}; choose from {', '.join(FAMILIES)}")
     return _BUILDERS[family]()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe") -> PreTrainedTokenizerFast:
+    """One subword vocabulary for both languages of ``texts`` (``kind``: ``bpe`` or ``unigram``), Marian-style:
+    ``<pad>`` 0, ``</s>`` 1 (appended), ``<unk>`` 2. It is the tokenizer of the shipped tiny Marian
+    (``tools/build_tiny_marian.py``); one vocabulary lets Marian share (tie) all its embeddings.
+
+    BPE is the default because it is deterministic: the ``tokenizers`` Unigram trainer gives
+    slightly different scores and ids from run to run, so a model would not be reproducible.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pad, eos, unk = "<pad>", "</s>", "<unk>"
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=[pad, eos, unk], unk_token=unk, show_progress=False
+        )
+    else:
+        tok = Tokenizer(models.BPE(unk_token=unk))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[pad, eos, unk], show_progress=False)
+    tok.normalizer = normalizers.NFKC()
+    # Split punctuation off words ("bushes." -> "▁bushes" "."), as SentencePiece does, so that a
+    # small vocabulary is not spent on word+punctuation pieces; the Metaspace decoder rejoins them.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))]
+    )
+    # model_input_names: without it the tokenizer also returns token_type_ids, which Marian rejects.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk,
+        model_input_names=["input_ids", "attention_mask"], model_max_length=512,
+    )
 
 
 # --- seq2seq and causal models -------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,7 +13,6 @@ from mtrl.rewards.alignment import (
     _fast_offsets,
     _tables,
     batch_token_offsets,
-    padded_token_offsets,
     reference_token_offsets,
     token_offsets,
 )
@@ -255,43 +253,14 @@ def test_customised_decode_uses_the_generic_path() -> None:
     _check_contract(tok, ids, text, off)
 
 
-# --- batch and padded helpers -----------------------------------------------
+# --- batch helper -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batch_and_padded_agree_with_single(family: str) -> None:
+def test_batch_agrees_with_single(family: str) -> None:
     tok = get_tokenizer(family)
     sents = ["A dog 🦜 runs.", "", "Ein Mädchen  spielt 你好."]
     rows = [tok(s)["input_ids"] for s in sents]
     single = [token_offsets(tok, r) for r in rows]
     texts, offs = batch_token_offsets(tok, rows)
     assert list(zip(texts, offs, strict=True)) == single
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(map(len, rows)) + 2
-    for side in ("left", "right"):
-        ids = np.full((len(rows), width), pad)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-            ids[i, sl], mask[i, sl] = r, 1
-        ptexts, poffs = padded_token_offsets(tok, ids, mask)
-        assert ptexts == texts
-        for i in range(len(rows)):
-            real = [o for o, m in zip(poffs[i], mask[i], strict=True) if m]
-            assert real == offs[i] and len(poffs[i]) == width
-            assert all(s == e for o, m in zip(poffs[i], mask[i], strict=True) if not m for s, e in [o])
-            _check_contract(tok, ids[i].tolist(), ptexts[i], poffs[i])
-
-
-def test_padded_with_prompt_and_completion_start() -> None:
-    tok = get_tokenizer("bytelevel")
-    prompt = tok("Translate: Hallo", add_special_tokens=False)["input_ids"]
-    comp = tok("Hello 🦜", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = [tok.pad_token_id] * 2 + prompt + comp + [tok.pad_token_id] * 3
-    mask = [0, 0] + [1] * (len(prompt) + len(comp)) + [0, 0, 0]
-    texts, offs = padded_token_offsets(tok, [ids], [mask], completion_starts=2 + len(prompt))
-    assert texts == ["Hello 🦜"]
-    assert offs[0][2 + len(prompt): 2 + len(prompt) + len(comp)] == token_offsets(tok, comp)[1]
-    assert offs[0][: 2 + len(prompt)] == [(0, 0)] * (2 + len(prompt))
-    assert offs[0][-3:] == [(len(texts[0]), len(texts[0]))] * 3

@@ -17,7 +17,7 @@ from mtrl.bench import (
     chrf_bands,
     comet_unavailable,
     load_bench,
-    plot_reward_curves,
+    plot_reward_changes,
     reward_change,
     reward_change_bands,
     run_bench,
@@ -160,7 +160,7 @@ def test_reward_change_from_start_and_chrf_bands(tmp_path):
     curves, ends = chrf_bands({"x": [a, b], "q": [q]})
     assert curves["x"]["mean"].to_dict() == {0: 50.0, 10: 52.0, 20: 53.0}  # before at step 0, then eval_chrf
     assert ends["q"]["mean"].tolist() == [50.0, 49.0] and list(ends) == ["q"]
-    out = plot_reward_curves({"x": [a, b]}, {"x": [a, b], "q": [q]}, tmp_path / "plots" / "reward_curves.png")
+    out = plot_reward_changes({"x": [a, b]}, {"x": [a, b], "q": [q]}, tmp_path / "plots" / "reward_curves.png")
     assert out.stat().st_size > 1000
 
 

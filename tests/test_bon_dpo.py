@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from mtrl.algorithms.bon import BestOfN, BestOfNConfig, select_best
-from mtrl.algorithms.common import RunContext
 from mtrl.algorithms.dpo import DPO, DPOConfig, dpo_loss, fit_causal, fit_seq2seq, pair_loss, preference_pairs
-from mtrl.algorithms.qsft import QSFTCollator, QSFTConfig, build_features
+from mtrl.algorithms.offline import pad_batch
+from mtrl.algorithms.protocols import OfflineData, RunLog
+from mtrl.algorithms.qsft import QSFTConfig, build_features
 from mtrl.errors import MtrlError
-from mtrl.label import OfflineConfig
 from mtrl.policy import GenerationConfig
 from mtrl.recipe import recipe_from_dict
 from mtrl.runner import run as train
-from tests.test_train import read_metrics, tiny_recipe
+from tests.fixtures.runs import read_metrics, tiny_recipe
 
 
 def row(src: str, mt: str, rewards: list[float], score: float | None = None) -> dict:
@@ -76,11 +75,12 @@ def test_dpo_loss_by_hand_and_its_gradient():
     assert smooth.tolist() == pytest.approx((-0.8 * F.logsigmoid(m) - 0.2 * F.logsigmoid(-m)).tolist(), abs=1e-6)
 
 
-def test_config_errors_name_the_key():
-    with pytest.raises(MtrlError, match="allowed: return, score"):
-        DPOConfig(rank_by="best")
-    with pytest.raises(MtrlError, match="allowed: return, score"):
-        BestOfNConfig(rank_by="best")
+@pytest.mark.parametrize("name", ["dpo", "bon"])
+def test_config_errors_name_the_key(name):
+    with pytest.raises(MtrlError, match="algorithm.rank_by: 'best' is not allowed; allowed: 'return', 'score'"):
+        recipe_from_dict({"policy": {"model": "mtrl:tiny-marian"}, "algorithm": {"name": name, "rank_by": "best"}})
+    with pytest.raises(MtrlError, match="algorithm.max_grad_norm: must be > 0"):
+        recipe_from_dict({"policy": {"model": "mtrl:tiny-marian"}, "algorithm": {"name": name, "max_grad_norm": 0}})
 
 
 @pytest.mark.parametrize("algorithm, words", [
@@ -120,7 +120,7 @@ def load_policy(path: Path):
 
 def margin_of(policy, ref, pairs, cfg: DPOConfig) -> float:
     feats = build_features([r for p in pairs for r in p], policy, QSFTConfig())
-    batch = QSFTCollator(policy.tokenizer.pad_token_id)(feats[0::2] + feats[1::2])
+    batch = pad_batch(feats[0::2] + feats[1::2], policy.tokenizer.pad_token_id)
     with torch.no_grad():
         return pair_loss(policy.model, ref, batch, policy.kind, cfg)[1]["dpo_margin"]
 
@@ -134,7 +134,8 @@ def test_seq2seq_dpo_raises_the_margin(tiny_seq2seq: Path):
     pairs = make_pairs(policy.tokenizer, "seq2seq")
     cfg = DPOConfig(lr=1e-3, max_steps=4, batch_size=3, beta=0.5, logging_steps=1, sft_weight=0.1)
     assert margin_of(policy, ref, pairs, cfg) == pytest.approx(0.0, abs=1e-5)  # π = π_ref at the start
-    history = fit_seq2seq(policy, pairs, cfg)
+    history: list[dict] = []
+    fit_seq2seq(policy, pairs, cfg, 0, history.append)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert history[0]["dpo_margin"] == pytest.approx(0.0, abs=1e-5)
     assert history[0]["loss"] > math.log(2)  # log 2 at m = 0, plus the SFT term
@@ -150,7 +151,7 @@ def test_forced_language_token_is_not_in_the_sequence_logprob(tiny_nllb: Path):
     policy = Policy(model, tok, kind, PolicyConfig(model="", src_lang_code="eng_Latn", tgt_lang_code="deu_Latn"))
     ids = [policy.forced_bos_token_id] + tok(text_target="Ein Hund.").input_ids
     feats = build_features([row("A dog.", "Ein Hund.", [0.0] * len(ids)) | {"token_ids": ids}], policy, QSFTConfig())
-    batch = QSFTCollator(tok.pad_token_id)(feats)
+    batch = pad_batch(feats, tok.pad_token_id, ["rewards"])
     with torch.no_grad():
         logps, counts = sequence_logprobs(model, batch, kind)
         full = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -166,7 +167,7 @@ def test_causal_dpo_through_trl(tiny_causal: Path, tmp_path: Path):
     pairs = make_pairs(policy.tokenizer, "causal")
     logged: list[dict] = []
     cfg = DPOConfig(lr=1e-3, max_steps=3, batch_size=3, beta=0.5, logging_steps=1)
-    fit_causal(policy, pairs, cfg, str(tmp_path / "dpo"), 0, logged.append, use_cpu=True, progress=False)
+    fit_causal(policy, pairs, cfg, 0, logged.append, use_cpu=True, progress=False)
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert logged[0]["dpo_margin"] == pytest.approx(0.0, abs=1e-4)  # the reference is the initial policy
     assert logged[-1]["dpo_margin"] > logged[0]["dpo_margin"] and logged[-1]["dpo_accuracy"] == 1.0
@@ -176,11 +177,8 @@ def test_causal_dpo_through_trl(tiny_causal: Path, tmp_path: Path):
 
 
 # ------------------------------------------------------------------ fit on a labelled file, and through the runner
-def offline_ctx(rows: list[dict], tmp_path: Path, logged: list, messages: list) -> RunContext:
-    data = tmp_path / "labelled.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return RunContext([], tmp_path, 0, "", OfflineConfig(data=str(data)), messages.append, logged.append,
-                      progress=False)
+def given_rows(rows: list[dict]) -> OfflineData:
+    return OfflineData([], lambda: rows, seed=0, temperature=1.0)
 
 
 class Accel:
@@ -193,21 +191,22 @@ def test_bon_fit_on_a_labelled_file(tiny_seq2seq: Path, tmp_path: Path):
     logged, messages = [], []
     before = [p.detach().clone() for p in policy.model.parameters()]
     algo = BestOfN(BestOfNConfig(lr=1e-3, max_steps=2, batch_size=2, logging_steps=1), policy, None, GenerationConfig(), Accel(), 0)
-    algo.fit(offline_ctx(rows, tmp_path, logged, messages))
+    algo.fit(given_rows(rows), RunLog(messages.append, logged.append, progress=False))
     assert logged[0]["step"] == 0 and logged[0]["bon_kept"] == logged[0]["bon_sources"] == 3
     assert logged[0]["bon_best_value_mean"] == 0.0 > logged[0]["bon_value_mean"]  # the chosen rows have return 0
     assert [r["step"] for r in logged[1:]] == [1, 2] and "3 of 3 sources" in messages[-1]
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
     with pytest.raises(MtrlError, match="no source's best row reaches min_reward 1.0"):
         BestOfN(BestOfNConfig(min_reward=1.0), policy, None, GenerationConfig(), Accel(), 0).fit(
-            offline_ctx(rows, tmp_path, [], []))
+            given_rows(rows), RunLog(print, print, progress=False))
 
 
 def test_dpo_fit_refuses_all_ties(tiny_seq2seq: Path, tmp_path: Path):
     policy = load_policy(tiny_seq2seq)
     rows = [row("a", "x", [0.0]), row("a", "y", [0.0]), row("b", "z", [-1.0])]
     with pytest.raises(MtrlError, match="none of the 2 sources has two rows of different return"):
-        DPO(DPOConfig(), policy, None, GenerationConfig(), Accel(), 0).fit(offline_ctx(rows, tmp_path, [], []))
+        DPO(DPOConfig(), policy, None, GenerationConfig(), Accel(), 0).fit(given_rows(rows),
+                                                                           RunLog(print, print, progress=False))
 
 
 @pytest.mark.parametrize("name", ["bon", "dpo"])
@@ -231,5 +230,5 @@ def test_dpo_recipe_on_a_causal_policy(tiny_causal, small_data, tmp_path):
     recipe = tiny_recipe(tiny_causal, small_data, run, offline={"num_sources": 4, "samples_per_source": 3},
                          algorithm={"name": "dpo", "max_steps": 2, "batch_size": 2, "logging_steps": 1, "lr": 1e-3})
     results = train(recipe_from_dict(recipe), quiet=True)
-    assert "after" in results and (run / "final" / "config.json").exists() and (run / "dpo").is_dir()
+    assert "after" in results and (run / "final" / "config.json").exists() and not (run / "dpo").exists()
     assert [r["step"] for r in read_metrics(run)] == [0, 1, 2]

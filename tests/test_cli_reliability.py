@@ -18,9 +18,8 @@ import mtrl.score
 from mtrl.cli import main
 from mtrl.errors import MtrlError, one_line
 from mtrl.label import chunk_seed, label, sample_rows
-from tests.test_label import TSV, read, rewarder
-from tests.test_stability import rows as metric_rows
-from tests.test_stability import write_run
+from tests.fixtures.labels import TSV, read, rewarder
+from tests.fixtures.runs import metric_rows, write_run
 
 
 def files(root: Path) -> set[str]:
@@ -177,16 +176,19 @@ def test_label_rerun_after_sampling_does_not_load_the_policy(tiny_seq2seq, small
 
 
 def test_sample_cache_refuses_other_settings(tiny_seq2seq, tmp_path):
+    from mtrl.policy import PolicyConfig, build_policy
+
+    load = lambda: build_policy(PolicyConfig(model=str(tiny_seq2seq)), str(tiny_seq2seq), "English", "German")  # noqa: E731
     pairs = [("A man.", "Ein Mann."), ("A dog.", "Ein Hund.")]
     cache = tmp_path / "s.jsonl"
-    first = sample_rows(str(tiny_seq2seq), pairs, 3, max_new_tokens=4, batch_size=4, progress=False, cache=cache)
-    again = sample_rows(str(tiny_seq2seq), pairs, 3, max_new_tokens=4, batch_size=4, progress=False, cache=cache)
+    first = sample_rows(load, pairs, 3, max_new_tokens=4, batch_size=4, progress=False, cache=cache)
+    again = sample_rows(load, pairs, 3, max_new_tokens=4, batch_size=4, progress=False, cache=cache)
     assert again == first
-    assert sample_rows(str(tiny_seq2seq), pairs, 3, max_new_tokens=4, batch_size=4, progress=False) == first
+    assert sample_rows(load, pairs, 3, max_new_tokens=4, batch_size=4, progress=False) == first
     with pytest.raises(MtrlError, match="temperature 1.0 .now 0.5."):
-        sample_rows(str(tiny_seq2seq), pairs, 3, 0.5, max_new_tokens=4, batch_size=4, progress=False, cache=cache)
+        sample_rows(load, pairs, 3, 0.5, max_new_tokens=4, batch_size=4, progress=False, cache=cache)
     with pytest.raises(MtrlError, match="another source"):
-        sample_rows(str(tiny_seq2seq), pairs[::-1], 3, max_new_tokens=4, batch_size=4, progress=False,
+        sample_rows(load, pairs[::-1], 3, max_new_tokens=4, batch_size=4, progress=False,
                     cache=cache)
     assert chunk_seed(0, 1) == chunk_seed(0, 1) != chunk_seed(0, 2) != chunk_seed(1, 2)
 
@@ -293,7 +295,7 @@ def test_missing_model_message_keeps_whole_words(monkeypatch):
     with pytest.raises(MtrlError) as e:
         mtrl.policy.load_model_and_tokenizer("/models/x")
     msg = str(e.value)
-    assert "Can't load the configuration of '/models/x'. (offline?" in msg and "make su" not in msg
+    assert "Can't load the configuration of '/models/x'. (no network?" in msg and "make su" not in msg
     long = "word " * 60 + "end."
     cut = one_line(long)
     assert cut.endswith("word…") and len(cut) <= 201

@@ -136,7 +136,7 @@ def test_bad_gold_inputs(tmp_path):
     assert_user_error(mtrl("score", "--input", str(notjson), "--detector", "gold"), "line 2 is not valid JSON")
 
 
-def test_xcomet_offline_hub_id_is_one_line(tmp_path):
+def test_xcomet_hub_id_without_network_is_one_line(tmp_path):
     (tmp_path / "h.txt").write_text("Hallo Welt.\n")
     proc = mtrl("score", "--hyp", str(tmp_path / "h.txt"), "--detector", "xcomet", "--model", "Unbabel/XCOMET-XL")
     assert_user_error(proc, "XCOMET-XL")

@@ -77,7 +77,7 @@ def test_markdown_comet_skipped_and_detector(tmp_path):
                 "--metrics", "bleu,comet,detector", "--comet-model", "Unbabel/wmt22-comet-da", "--format", "markdown")
     assert proc.returncode == 0, proc.stderr
     assert "| system | bleu | comet | detector |" in proc.stdout
-    assert "comet: skipped (" in proc.stdout and "could not be loaded offline" in proc.stdout
+    assert "comet: skipped (" in proc.stdout and "could not be loaded without network" in proc.stdout
 
 
 def test_comet_with_a_local_checkpoint(tiny_xcomet_ckpt):

@@ -11,7 +11,7 @@ from mtrl.datasets import load_parallel
 from mtrl.errors import MtrlError
 from mtrl.evaluate import corpus_metrics, format_table, translate
 from mtrl.policy import GenerationConfig, Policy
-from mtrl.warmstart import train_tokenizer
+from mtrl.testing import train_tokenizer
 
 PAIRS = load_parallel("multi30k", "val", limit=200)
 SOURCES = [s for s, _ in PAIRS]

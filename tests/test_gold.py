@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from mtrl.detectors import load_detector
-from mtrl.detectors.gold import read_mqm_tsv
 from mtrl.errors import MtrlError
+from mtrl.translations import read_mqm_tsv
 
 TSV = (
     "system\tdoc\tdoc_id\tseg_id\trater\tsource\ttarget\tcategory\tseverity\tcomment\n"

@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from mtrl.detectors import load_detector
 from mtrl.detectors.reference import ReferenceDetector
-from mtrl.label import label, read_mt_outputs, sample_rows
-from mtrl.rewards import RewardConfig, Rewarder
+from mtrl.label import label, sample_rows
+from mtrl.translations import read_translations
+from tests.fixtures.labels import TSV, read, rewarder
 from tests.fixtures.tokenizers import get_tokenizer
-
-TSV = ("lp\tsource\tref_A\thyp_A\thyp_B\n"
-       "en-de\tA man rides.\tEin Mann fährt.\tEin Mann fährt.\tEin Mann läuft.\n"
-       "en-de\tTwo dogs.\tZwei Hunde.\tZwei Hunde.\t\n"
-       "en-de\tA cat.\tEine Katze.\tEine Katze 12.\tEine Katze 12.\n")
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def rewarder(tokenizer=None, **reward) -> Rewarder:
-    """The reference detector's token rewards (a fresh cache each time, as a new process would have)."""
-    return Rewarder(RewardConfig(**reward), load_detector("reference"), tokenizer)
 
 
 def test_label_tsv_outputs(tmp_path):
     (tmp_path / "sys.tsv").write_text(TSV)
-    rows = read_mt_outputs(tmp_path / "sys.tsv")
+    rows = read_translations(tmp_path / "sys.tsv")
     assert len(rows) == 6 and {r["system"] for r in rows} == {"A", "B"}
     out = tmp_path / "out" / "labelled.jsonl"
     counts = label(rows, out, rewarder(get_tokenizer("unigram")), progress=False)
@@ -84,8 +68,14 @@ def test_resume_after_a_crash_skips_finished_chunks(tmp_path, monkeypatch):
     assert [r["mt"] for r in read(out)] == [r["mt"] for r in rows]  # input order kept
 
 
+def loader(path, src_lang: str = "English", tgt_lang: str = "German"):
+    from mtrl.policy import PolicyConfig, build_policy
+
+    return lambda: build_policy(PolicyConfig(model=str(path)), str(path), src_lang, tgt_lang)
+
+
 def test_sample_rows_from_a_policy(tiny_seq2seq):
-    rows = sample_rows(str(tiny_seq2seq), [("A man.", "Ein Mann."), ("A dog.", "Ein Hund.")], samples=3,
+    rows = sample_rows(loader(tiny_seq2seq), [("A man.", "Ein Mann."), ("A dog.", "Ein Hund.")], samples=3,
                        max_new_tokens=5, progress=False)
     assert len(rows) == 6 and [r["sample"] for r in rows] == [0, 1, 2, 0, 1, 2]
     assert all(r["ref"] in ("Ein Mann.", "Ein Hund.") and isinstance(r["mt"], str) for r in rows)
@@ -97,7 +87,7 @@ def test_labelled_samples_carry_the_sampled_token_ids(tiny_seq2seq, tmp_path):
     from mtrl.score import load_tokenizer
 
     pairs = [("A man rides a bike.", "Ein Mann fährt Fahrrad."), ("Two dogs play.", "Zwei Hunde spielen.")]
-    rows = sample_rows(str(tiny_seq2seq), pairs, samples=3, max_new_tokens=8, progress=False)
+    rows = sample_rows(loader(tiny_seq2seq), pairs, samples=3, max_new_tokens=8, progress=False)
     tok = load_tokenizer(str(tiny_seq2seq))
     out = tmp_path / "l.jsonl"
     counts = label(rows, out, rewarder(tok), progress=False)
@@ -111,31 +101,6 @@ def test_labelled_samples_carry_the_sampled_token_ids(tiny_seq2seq, tmp_path):
         assert len(r["token_rewards"]) == len(r["token_ids"]) == len(r["tokens"])
 
 
-def test_sample_rows_prompts_name_the_given_languages(tiny_causal, monkeypatch):
-    """A causal policy's prompt names src_lang/tgt_lang (labels used to hard-code English/German)."""
-    import mtrl.policy
-
-    built = []
-    real = mtrl.policy.build_policy
-
-    def spy(cfg, model_path, src_lang, tgt_lang):
-        built.append(real(cfg, model_path, src_lang, tgt_lang))
-        return built[-1]
-
-    monkeypatch.setattr(mtrl.policy, "build_policy", spy)
-    rows = sample_rows(str(tiny_causal), [("Un chat dort.", "Un gato duerme.")], samples=2, max_new_tokens=4,
-                       src_lang="French", tgt_lang="Spanish", progress=False)
-    assert len(rows) == 2 and len(built) == 1
-    policy = built[0]
-    assert (policy.src_lang, policy.tgt_lang) == ("French", "Spanish")
-    prompt = policy.prompt_text("Un chat dort.")
-    assert "French" in prompt and "Spanish" in prompt
-    assert "English" not in prompt and "German" not in prompt
-    # and the prompt the policy was sampled with is that one
-    queries, _ = policy.encode_sources(["Un chat dort."])
-    assert "French" in policy.tokenizer.decode(queries[0]) and "Spanish" in policy.tokenizer.decode(queries[0])
-
-
 def test_cli_label_passes_the_languages_to_sampling(tiny_causal, small_data, tmp_path, monkeypatch):
     import mtrl.label
     from mtrl.cli import main
@@ -143,21 +108,25 @@ def test_cli_label_passes_the_languages_to_sampling(tiny_causal, small_data, tmp
     seen = {}
     real = mtrl.label.sample_rows
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+    def spy(load_policy, *args, **kwargs):
+        seen.update(kwargs, policy=load_policy())
+        return real(lambda: seen["policy"], *args, **kwargs)
 
     monkeypatch.setattr(mtrl.label, "sample_rows", spy)
     out = tmp_path / "l.jsonl"
     assert main(["label", "--policy", str(tiny_causal), "--data", str(small_data[0]), "--max-sources", "2",
                  "--samples", "1", "--max-new-tokens", "4", "--src-lang", "French", "--tgt-lang", "Spanish",
                  "--output", str(out), "--quiet"]) == 0
-    assert seen["src_lang"] == "French" and seen["tgt_lang"] == "Spanish"
+    policy = seen["policy"]
+    assert (policy.src_lang, policy.tgt_lang) == ("French", "Spanish")
+    assert seen["policy_id"] == {"model": str(tiny_causal), "src_lang": "French", "tgt_lang": "Spanish"}
+    prompt = policy.tokenizer.decode(policy.encode_sources(["Un chat dort."])[0][0])  # what was sampled from
+    assert "French" in prompt and "Spanish" in prompt and "English" not in prompt and "German" not in prompt
     assert all(len(r["token_rewards"]) == len(r["token_ids"]) for r in read(out))
     seen.clear()
     assert main(["label", "--policy", str(tiny_causal), "--data", str(small_data[0]), "--max-sources", "1",
                  "--samples", "1", "--max-new-tokens", "2", "--output", str(tmp_path / "d.jsonl"), "--quiet"]) == 0
-    assert (seen["src_lang"], seen["tgt_lang"]) == ("English", "German")  # the defaults
+    assert (seen["policy"].src_lang, seen["policy"].tgt_lang) == ("English", "German")  # the defaults
 
 
 def test_cli_label_and_its_errors(tmp_path):

@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtrl.algorithms.offline import pad_batch
 from mtrl.algorithms.qsft import (
-    QSFTCollator,
     QSFTConfig,
     QSFTLogitsProcessor,
     batch_loss,
     bellman_targets,
     build_features,
     combine_logprobs,
-    fit_stage,
     monte_carlo_targets,
     polyak_update,
     qsft_loss,
@@ -132,29 +131,36 @@ def test_rescale_rewards():
 def test_return_range_from_the_data_or_the_config():
     rows = [{"token_rewards": [0.0, -5.0, -1.0], "score": 0.2}, {"token_rewards": [-30.0, 0.0], "score": 0.9},
             {"token_rewards": [0.0], "score": 0.5}]
-    assert resolve_return_range(rows, QSFTConfig()) == (-30.0, 0.0)
-    assert resolve_return_range(rows, QSFTConfig(reward_level="sentence")) == (0.2, 0.9)
-    assert resolve_return_range(rows, QSFTConfig(return_range=(-25.0, 0.0))) == (-25.0, 0.0)
-    assert resolve_return_range(rows[:1], QSFTConfig()) == (-6.0, -5.0)  # one return: a unit range, no 0/0
+    assert resolve_return_range(rows, QSFTConfig(), "token") == (-30.0, 0.0)
+    assert resolve_return_range(rows, QSFTConfig(), "sentence") == (0.2, 0.9)
+    assert resolve_return_range(rows, QSFTConfig(return_range=(-25.0, 0.0)), "token") == (-25.0, 0.0)
+    assert resolve_return_range(rows[:1], QSFTConfig(), "token") == (-6.0, -5.0)  # one return: a unit range, no 0/0
     # each row's rescaled return then lies in [0, 1], the lowest at 0 and the highest at 1
-    lo_hi = resolve_return_range(rows, QSFTConfig())
+    lo_hi = resolve_return_range(rows, QSFTConfig(), "token")
     assert [sum(rescale_rewards(r["token_rewards"], None, "token", lo_hi)) for r in rows] == \
         pytest.approx([1 - 6 / 30, 0.0, 1.0])
     with pytest.raises(MtrlError, match="needs a 'score'"):
-        resolve_return_range([{"token_rewards": [0.0]}], QSFTConfig(reward_level="sentence"))
+        resolve_return_range([{"token_rewards": [0.0]}], QSFTConfig(), "sentence")
 
 
 def test_config_errors_name_the_key():
-    for kwargs, words in [({"target": "td"}, "allowed: bellman, monte_carlo"), ({"return_range": (1.0, 0.0)},
-                          "return_range"), ({"temperature": 0.0}, "temperature"), ({"tau": 2.0}, "tau")]:
+    from mtrl.recipe import recipe_from_dict
+
+    for keys, words in [({"target": "td"}, "algorithm.target: 'td' is not allowed; allowed: 'bellman', 'monte_carlo'"),
+                        ({"return_range": [1.0, 0.0]}, "algorithm.return_range"),
+                        ({"temperature": 0.5}, "unknown key 'algorithm.temperature'"),
+                        ({"reward_level": "token"}, "unknown key 'algorithm.reward_level'"),
+                        ({"tau": 2.0}, r"algorithm.tau: must be in \[0, 1\]")]:
         with pytest.raises(MtrlError, match=words):
-            QSFTConfig(**kwargs)
+            recipe_from_dict({"policy": {"model": "mtrl:tiny-marian"}, "reward": {"mode": "token"},
+                              "algorithm": {"name": "qsft", **keys}})
 
 
 def test_config_holds_only_algorithm_keys():
-    """The policy, languages and seed come from the recipe's other sections, passed to train_qsft."""
+    """The policy, languages, seed, reward level and sampling temperature come from the recipe's other sections."""
     names = {f.name for f in dataclasses.fields(QSFTConfig)}
-    assert QSFTConfig().name == "qsft" and not names & {"policy", "src_lang", "tgt_lang", "seed"}
+    assert QSFTConfig().name == "qsft"
+    assert not names & {"policy", "src_lang", "tgt_lang", "seed", "reward_level", "temperature"}
 
 
 def test_monte_carlo_targets_by_hand():
@@ -212,25 +218,25 @@ def flat(model: nn.Module) -> torch.Tensor:
 
 
 def test_seq2seq_train_and_translate(tiny_seq2seq: Path, tmp_path: Path):
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from mtrl.policy import Policy, load_model_and_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_seq2seq)
-    init = flat(AutoModelForSeq2SeqLM.from_pretrained(tiny_seq2seq))
+    policy = Policy(*load_model_and_tokenizer(str(tiny_seq2seq)))
+    tok_b, q = policy.tokenizer, policy.model
+    init = flat(q)
     cfg = QSFTConfig(lr=1e-3, max_steps=2, sft_steps=2, batch_size=4, tau=0.5, logging_steps=1)
-    q_dir = train_qsft(str(tiny_seq2seq), make_rows(tok, "seq2seq"), tmp_path, cfg)
-    q = AutoModelForSeq2SeqLM.from_pretrained(q_dir)
-    beh = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "behaviour")
-    assert not torch.allclose(flat(q), init) and not torch.allclose(flat(beh), init)
-    assert not torch.allclose(flat(q), flat(beh))
+    history: list[dict] = []
+    beh = train_qsft(policy, make_rows(tok_b, "seq2seq"), cfg, "token", 1.0, 0, history.append)
+    assert [h["step"] for h in history] == [1, 2]  # the Q-SFT stage's rows; π_β's SFT stage logs none
+    assert not torch.allclose(flat(q), init) and not torch.allclose(flat(beh), init)  # p_θ is the policy's model
+    assert not torch.allclose(flat(q), flat(beh)) and not any(p.requires_grad for p in beh.parameters())
 
     sources = ["A man is riding a bike.", "Two dogs."]
-    tok_b = AutoTokenizer.from_pretrained(tmp_path / "behaviour")
     plain = beh.generate(**tok_b(sources, return_tensors="pt", padding=True), max_new_tokens=6, do_sample=False,
                          num_beams=1)
     # β = 0 is π_β's own greedy decoding; β > 0 runs and returns one string per source
-    assert qsft_translate(q, beh, tok_b, sources, beta=0.0, max_new_tokens=6) == \
+    assert qsft_translate(policy, beh, sources, beta=0.0, max_new_tokens=6) == \
         tok_b.batch_decode(plain[:, 1:], skip_special_tokens=True)
-    out = qsft_translate(q, beh, tok_b, sources, beta=1.0, max_new_tokens=6, num_beams=2)
+    out = qsft_translate(policy, beh, sources, beta=1.0, max_new_tokens=6, num_beams=2)
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
     # the processor adds β log p_θ of the right prefix (encoder outputs reused), both read at the temperature
@@ -245,7 +251,8 @@ def test_seq2seq_train_and_translate(tiny_seq2seq: Path, tmp_path: Path):
                               atol=1e-4)
 
 
-def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: Path):
+def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: Path, monkeypatch):
+    from mtrl.algorithms import qsft
     from mtrl.policy import Policy, load_model_and_tokenizer
 
     model, tok, kind = load_model_and_tokenizer(str(tiny_causal))
@@ -256,7 +263,7 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
     n_prompt = len(policy.encode_sources([SRC_MT[0][0]])[0][0])
     assert feats[0]["labels"][:n_prompt] == [-100] * n_prompt and feats[0]["labels"][n_prompt] != -100
     assert feats[0]["rewards"][-1] == pytest.approx(1.0) and feats[0]["rewards"][n_prompt + 1] == pytest.approx(-0.2)
-    batch = QSFTCollator(tok.pad_token_id)(feats[:2])
+    batch = pad_batch(feats[:2], tok.pad_token_id, ["rewards"])
     assert batch["attention_mask"].sum(1).tolist() == [len(f["input_ids"]) for f in feats[:2]]
 
     init = flat(model)
@@ -266,15 +273,18 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
         logits, targets, mask, rewards = token_logits(model, batch, kind)
         logits = logits / 0.5
         weights = torch.cat([(rewards[:, :-1] + mask[:, 1:]).clamp(0, 1), rewards[:, -1:].clamp(0, 1)], 1) * mask
-        loss, _ = batch_loss(model, batch, kind, dataclasses.replace(cfg, temperature=0.5), target, behaviour)
+        loss, _ = batch_loss(model, batch, kind, cfg, 0.5, target, behaviour)
         assert loss.item() == pytest.approx(qsft_loss(logits, targets, weights, mask).item(), rel=1e-5)
-    history = fit_stage(model, feats, cfg, kind, cfg.max_steps, cfg.lr, tok.pad_token_id, target_model=target,
-                        behaviour_model=behaviour)
+    moves, polyak = [], qsft.polyak_update  # the target copy follows p_θ after every optimizer step
+    monkeypatch.setattr(qsft, "polyak_update", lambda t, o, tau: moves.append((t, tau)) or polyak(t, o, tau))
+    history: list[dict] = []
+    behaviour = train_qsft(policy, make_rows(tok, "causal"), cfg, "token", 1.0, 0, history.append)
     assert [h["step"] for h in history] == [1, 2, 3]  # logging_steps 1
-    online, tgt = flat(model), flat(target)
+    assert len(moves) == 3 and all(tau == 0.3 for _, tau in moves)
+    online, tgt = flat(model), flat(moves[0][0])
     assert not torch.allclose(online, init)
     assert not torch.allclose(tgt, init) and not torch.allclose(tgt, online)  # moved part of the way
-    assert torch.allclose(flat(behaviour), init)  # π_β is frozen
+    assert torch.allclose(flat(behaviour), init)  # π_β (sft_steps 0) is the initial model, frozen
     assert all(0.0 <= h["qsft_target_mean"] <= 1.0 for h in history)
 
     # processor with left-padded prompts of different lengths = p_θ on each prompt alone
@@ -288,29 +298,8 @@ def test_causal_trainer_steps_polyak_and_processor(tiny_causal: Path, tmp_path: 
         with torch.no_grad():
             alone = model(input_ids=ids).logits[0, -1]
         assert torch.allclose(got[i], alone, atol=1e-4)
-    out = qsft_translate(model, behaviour, tok, sources, beta=2.0, max_new_tokens=5)
+    out = qsft_translate(policy, behaviour, sources, beta=2.0, max_new_tokens=5)
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
-
-
-def test_train_qsft_prompts_in_the_given_languages(tiny_causal: Path, tmp_path: Path, monkeypatch):
-    """train_qsft builds its causal prompts with the src_lang/tgt_lang and policy config it is given."""
-    from mtrl.algorithms import qsft
-    from mtrl.policy import PolicyConfig
-
-    class Stop(Exception):
-        pass
-
-    seen = {}
-
-    def spy(rows, policy, cfg):
-        seen["policy"] = policy
-        raise Stop
-
-    monkeypatch.setattr(qsft, "build_features", spy)
-    pc = PolicyConfig(model=str(tiny_causal), prompt="{src_lang} -> {tgt_lang}: {source}", chat_template="never")
-    with pytest.raises(Stop):
-        train_qsft(str(tiny_causal), [], tmp_path, QSFTConfig(), pc, "French", "Spanish", seed=3)
-    assert seen["policy"].prompt_text("Un chat.") == "French -> Spanish: Un chat."
 
 
 def test_build_features_names_a_bad_row(tiny_seq2seq: Path):

@@ -6,6 +6,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mtrl.algorithms import ALGORITHMS
 from mtrl.errors import MtrlError
@@ -30,7 +31,8 @@ def test_defaults_and_overrides():
     ({"algorithm": {"name": "kto"}}, "algorithm.name: 'kto' is not allowed; allowed: 'ppo', 'reinforce', 'rloo', 'grpo', 'qsft', 'twa', 'bon', 'dpo'"),
     ({"train": {"steps": "ten"}}, "train.steps: expected int, got 'ten'"),
     ({"reward": {"mode": "tokens"}}, "reward.mode: 'tokens' is not allowed; allowed: 'token', 'sentence', 'hybrid'"),
-    ({"reward": {"severity_map": "mqm"}}, "unknown severity map 'mqm'"),
+    ({"reward": {"severity_map": "mqm"}},
+     "reward.severity_map: expected one of 'xcomet', 'wmt-mqm' or a mapping of minor, major, critical, got 'mqm'"),
     ({"algorithm": {"name": "rloo"}}, "samples_per_prompt must be >= 2 for rloo"),
     ({"algorithm": {"use_cache": True}}, "unknown key 'algorithm.use_cache'"),
 ])
@@ -41,11 +43,11 @@ def test_bad_recipes_are_named(data, message):
     assert message in str(e.value)
 
 
-def test_missing_model_and_warmstart_consistency():
+def test_missing_model():
     with pytest.raises(MtrlError, match="policy.model is required"):
         recipe_from_dict({})
-    with pytest.raises(MtrlError, match="warm_start.enabled is false"):
-        recipe_from_dict({"policy": {"model": "warmstart"}})
+    with pytest.raises(MtrlError, match="unknown key 'warm_start'"):
+        recipe_from_dict({**BASE, "warm_start": {"enabled": True}})
 
 
 def test_bool_is_not_a_number():
@@ -61,7 +63,7 @@ def test_algorithm_keys_are_typed_by_the_chosen_algorithm():
     assert r.algorithm.return_range == (-25.0, 0.0)
     for override, message in [("algorithm.batch_size=many", "algorithm.batch_size: expected int, got 'many'"),
                               ("algorithm.return_range=[1]", "algorithm.return_range: expected a list of 2"),
-                              ("algorithm.reward_level=span", "algorithm.reward_level: 'span' is not allowed"),
+                              ("algorithm.target=td", "algorithm.target: 'td' is not allowed"),
                               ("algorithm.kl_coef=0.1", "unknown key 'algorithm.kl_coef' (algorithm qsft does not use it)")]:
         with pytest.raises(MtrlError) as e:
             recipe_from_dict(qsft, [override])
@@ -113,6 +115,53 @@ def test_reward_section_is_the_rewarders_config():
     with pytest.raises(MtrlError) as e:
         recipe_from_dict(BASE, ["reward.mode=tokens"])
     assert "reward.mode: 'tokens' is not allowed; allowed: " + ", ".join(map(repr, allowed("mode"))) in str(e.value)
+
+
+# ------------------------------------------------------------------ rules beyond one value's type
+@pytest.mark.parametrize("override, message", [
+    ("reward.severity_map={minor: -1, major: -5}", "reward.severity_map: missing critical; needs minor, major, critical"),
+    ("reward.severity_map={minor: -1, major: -5, critical: -10, fatal: -20}",
+     "unknown key 'reward.severity_map.fatal'; valid keys: minor, major, critical"),
+    ("reward.severity_map={minor: -1, major: x, critical: -10}", "reward.severity_map.major: expected float, got 'x'"),
+    ("reward.severity_map={minor: -1, major: .nan, critical: -10}",
+     "reward.severity_map.major: must be a finite number, got nan"),
+    ("reward.severity_map=[1, 2, 3]",
+     "reward.severity_map: expected one of 'xcomet', 'wmt-mqm' or a mapping of minor, major, critical, got [1, 2, 3]"),
+    ("reward.token_rewards=sum", "reward.token_rewards: 'sum' is not allowed; allowed: 'max', 'spread'"),
+    ("reward.hybrid_weight=-1", "reward.hybrid_weight: must be >= 0, got -1"),
+    ("algorithm={name: qsft, return_range: [0, -25]}", "algorithm.return_range: must be [lo, hi] with hi > lo, got [0.0, -25.0]"),
+    ("algorithm={name: qsft, return_range: [1, 1]}", "algorithm.return_range: must be [lo, hi] with hi > lo, got [1.0, 1.0]"),
+    ("algorithm={name: qsft, target: td}", "algorithm.target: 'td' is not allowed; allowed: 'bellman', 'monte_carlo'"),
+    ("algorithm={name: dpo, rank_by: length}", "algorithm.rank_by: 'length' is not allowed; allowed: 'return', 'score'"),
+    ("algorithm={name: bon, rank_by: length}", "algorithm.rank_by: 'length' is not allowed; allowed: 'return', 'score'"),
+    ("algorithm={name: twa, after_error: keep}", "algorithm.after_error: 'keep' is not allowed; allowed: 'ignore', 'train'"),
+    ("algorithm={name: twa, severity_weights: {minor: 1, major: 5}}",
+     "algorithm.severity_weights: missing critical; needs minor, major, critical"),
+    ("algorithm={name: twa, severity_weights: {minor: 1, major: 5, critical: 10, fatal: 20}}",
+     "unknown key 'algorithm.severity_weights.fatal'; valid keys: minor, major, critical"),
+    ("algorithm={name: twa, severity_weights: {minor: 1, major: -5, critical: 10}}",
+     "algorithm.severity_weights.major: must be >= 0, got -5"),
+    ("algorithm={name: twa, severity_weights: {minor: 1, major: .inf, critical: 10}}",
+     "algorithm.severity_weights.major: must be >= 0, got inf"),
+])
+def test_rules_the_configs_state_are_checked_on_load(override, message):
+    with pytest.raises(MtrlError) as e:
+        recipe_from_dict(BASE, [override])
+    assert str(e.value) == message
+
+
+def test_severity_values_load_and_roundtrip():
+    from mtrl.detectors.spans import SEVERITY_MAPS
+    from mtrl.rewards.config import SeverityPreset
+
+    assert typing.get_args(SeverityPreset) == tuple(SEVERITY_MAPS)
+    r = recipe_from_dict(BASE, ["reward.severity_map={minor: '-1', major: -4, critical: -9}", "reward.no_error=0.5",
+                                "algorithm={name: twa, severity_weights: {minor: 1, major: 5, critical: 10}}"])
+    assert r.reward.severity().values == {"minor": -1.0, "major": -4.0, "critical": -9.0}
+    assert r.reward.severity().no_error == 0.5
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
+    twa = recipe_from_dict(BASE, ["algorithm={name: twa, severity_weights: null}"])
+    assert twa.algorithm.severity_weights is None
 
 
 # ------------------------------------------------------------------ numeric ranges
@@ -209,7 +258,7 @@ def test_every_numeric_key_declares_its_range():
                 ranges = [m for m in tp.__metadata__ if isinstance(m, Range)]
                 if not ranges:
                     missing.append(f"{cls.__name__}.{name}")
-                elif defaults[name] is not None and defaults[name] not in ranges[0]:
+                elif defaults[name] not in (None, dataclasses.MISSING) and defaults[name] not in ranges[0]:
                     outside.append(f"{cls.__name__}.{name}")
             elif tp in (int, float):
                 missing.append(f"{cls.__name__}.{name}")

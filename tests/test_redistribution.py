@@ -12,7 +12,6 @@ from mtrl.rewards.alignment import token_offsets
 from mtrl.rewards.redistribution import (
     Redistributor,
     prefix_boundaries,
-    r3hf_rewards,
     spread_words,
     word_ends,
 )
@@ -81,13 +80,7 @@ def test_prefix_boundaries_and_spread_words():
     assert word_ends(" ab  cd ") == [3, 7] and word_ends("") == []
 
 
-def test_r3hf_rewards_one_shot_equals_the_redistributor(wmt22):
-    tok = get_tokenizer("unigram")
-    srcs, hyps, refs = (list(x) for x in zip(*wmt22[:4]))
-    enc = [token_offsets(tok, tok(h)["input_ids"]) for h in hyps]
-    texts, offsets = [t for t, _ in enc], [o for _, o in enc]
-    got = r3hf_rewards(load_scorer("chrf"), srcs, texts, offsets, refs, level="word")
-    assert got == Redistributor(load_scorer("chrf"), "word")(srcs, texts, offsets, refs)
+def test_redistributor_refuses_an_unknown_level():
     with pytest.raises(MtrlError, match="allowed: token, word"):
         Redistributor(load_scorer("chrf"), "sentence")
 

@@ -13,7 +13,7 @@ import yaml
 from mtrl.errors import MtrlError
 from mtrl.recipe import recipe_from_dict
 from mtrl.runner import run as train
-from tests.test_train import read_metrics, tiny_recipe
+from tests.fixtures.runs import read_metrics, tiny_recipe
 
 OUTPUTS = ("recipe.yaml", "metrics.jsonl", "eval.json", "final/config.json", "checkpoints/latest",
            "checkpoints/step-000001/policy.pt")

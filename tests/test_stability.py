@@ -11,38 +11,8 @@ import pytest
 
 from mtrl import stability as st
 from mtrl.errors import MtrlError
-
-N = 100
-STEPS = np.arange(1, N + 1)
-RNG = np.random.default_rng(0)
-QUIET = RNG.normal(0, 0.05, N)  # one fixed noise draw shared by the well-behaved curves
-
-
-def rows(reward=None, kl=None, entropy=None, policy_loss=None, value_loss=None, grad_norm=None) -> list[dict]:
-    """Training-step lines: a well-behaved run unless a column is given (arrays of length N)."""
-    cols = {
-        "reward_mean": -2.0 + 0.01 * STEPS + QUIET if reward is None else reward,
-        "kl": 0.02 * STEPS if kl is None else kl,  # 0.02 .. 2 nats
-        "entropy": 2.0 - 0.005 * STEPS if entropy is None else entropy,  # 2.0 .. 1.5
-        "policy_loss": 0.1 + QUIET if policy_loss is None else policy_loss,
-        "value_loss": 0.5 + QUIET if value_loss is None else value_loss,
-        "grad_norm": 1.0 + QUIET if grad_norm is None else grad_norm,
-    }
-    out = []
-    for i, step in enumerate(STEPS):
-        row = {"step": int(step), "reward_std": 0.1, "sentence_score_mean": 0.5, "spans_minor": 1,
-               "spans_major": 0, "spans_critical": 0, "kl_coef": 0.05, "clipfrac": 0.1, "tokens_per_s": 100.0}
-        row.update({k: float(v[i]) for k, v in cols.items()})
-        out.append(row)
-    return out
-
-
-def write_run(run: Path, lines: list[dict], eval_json: dict | None = None) -> Path:
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    if eval_json is not None:
-        (run / "eval.json").write_text(json.dumps(eval_json))
-    return run
+from tests.fixtures.runs import QUIET, STEPS, N, write_run
+from tests.fixtures.runs import metric_rows as rows
 
 
 def eval_json(before_chrf: float, after_chrf: float, after_bleu: float = 20.0, after_det: float = 0.7) -> dict:
@@ -227,7 +197,7 @@ def test_plots_write_png_files(tmp_path):
 def test_seed_band_is_mean_and_std_over_seeds(tmp_path):
     a = write_run(tmp_path / "a", rows(reward=np.full(N, 1.0)))
     b = write_run(tmp_path / "b", rows(reward=np.full(N, 3.0))[:50])
-    band = st.seed_band([a, b], "reward_mean", window=1)
+    band = st.seed_band(st.metric_curves([a, b], "reward_mean", window=1))
     assert band.loc[10, "mean"] == pytest.approx(2.0) and band.loc[10, "std"] == pytest.approx(np.std([1, 3], ddof=1))
     assert band.loc[80, "mean"] == pytest.approx(1.0) and band.loc[80, "n"] == 1
 

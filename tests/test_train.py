@@ -11,35 +11,11 @@ import yaml
 
 from mtrl.recipe import load_recipe, recipe_from_dict
 from mtrl.runner import run as train
+from tests.fixtures.runs import read_metrics, tiny_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REQUIRED = {"step", "reward_mean", "reward_std", "sentence_score_mean", "spans_minor", "spans_major",
             "spans_critical", "kl", "entropy", "policy_loss", "tokens_per_s"}
-
-
-def tiny_recipe(model: Path, data: tuple[Path, Path], run_dir: Path, **sections) -> dict:
-    train_file, eval_file = data
-    recipe = {
-        "run_dir": str(run_dir), "seed": 1,
-        "policy": {"model": str(model)},
-        "data": {"train": str(train_file), "eval": str(eval_file)},
-        "detector": {"name": "reference"},
-        "algorithm": {"batch_size": 4, "minibatch_size": 2, "epochs": 1, "lr": 1e-3},
-        "generation": {"max_new_tokens": 8, "eval_batch_size": 4},
-        "train": {"steps": 2, "save_every": 1, "report_to": []},
-    }
-    for k, v in sections.items():
-        if k == "algorithm" and v.get("name", "ppo") not in ("ppo", "reinforce", "rloo"):
-            recipe[k] = v  # another algorithm's keys: a section of its own
-        else:
-            recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
-        if k == "algorithm" and v.get("name") in ("reinforce", "rloo"):
-            recipe[k].pop("epochs", None)  # a PPO key
-    return recipe
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("mode", ["token", "sentence", "hybrid"])
@@ -192,8 +168,8 @@ def test_shipped_recipe_runs_one_step_on_stand_ins(path, tiny_seq2seq, tiny_nllb
     if data["detector"]["name"] == "xcomet":
         overrides.append(f"detector.model={tiny_xcomet_ckpt}")
     recipe = load_recipe(path, overrides)
-    if recipe.policy.dtype == "bfloat16" or recipe.train.mixed_precision != "no":
-        recipe.policy.dtype, recipe.train.mixed_precision = "float32", "no"  # bf16 on this CPU is slow, not wrong
+    if recipe.policy.dtype == "bf16" or recipe.train.mixed_precision != "no":
+        recipe.policy.dtype, recipe.train.mixed_precision = "fp32", "no"  # bf16 on this CPU is slow, not wrong
     results = train(recipe, quiet=True)
     rows = read_metrics(Path(recipe.run_dir))
     assert "after" in results and rows[-1]["step"] in (1, 2)  # one on-policy step, or two offline ones
@@ -224,7 +200,7 @@ def test_qsft_recipe_samples_labels_trains_and_evaluates(kind, tiny_seq2seq, tin
     assert "sample" not in capsys.readouterr().err  # quiet: no progress bars from sampling or labelling either
     labelled = [json.loads(line) for line in (run / "offline" / "labelled.jsonl").read_text().splitlines()]
     assert len(labelled) <= 8 and all(len(r["token_ids"]) == len(r["token_rewards"]) for r in labelled)
-    assert (run / "final" / "q_model" / "config.json").exists() and (run / "final" / "behaviour").exists()
+    assert (run / "final" / "config.json").exists() and (run / "final" / "behaviour" / "config.json").exists()
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
 
 
@@ -285,11 +261,11 @@ def test_grpo_refuses_seq2seq(tiny_seq2seq, small_data, tmp_path):
 
 
 def test_summary_names_only_what_the_run_directory_holds(tmp_path, capsys):
-    from mtrl.runner import print_summary
+    from mtrl.runner import print_run_summary
 
     (tmp_path / "eval.json").write_text("{}")
     (tmp_path / "offline").mkdir()
-    print_summary({}, str(tmp_path))
+    print_run_summary({}, str(tmp_path))
     assert capsys.readouterr().out.strip() == f"run directory: {tmp_path} (eval.json, offline/)"
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mtrl.algorithms.twa import (
-    TWA,
+    SeverityWeights,
     TWAConfig,
     aligned,
     build_features,
@@ -105,7 +105,7 @@ def test_severity_weights_from_the_config_or_the_reward_map():
     major = {"start": 0, "end": 1, "severity": "Major"}
     by_map = severity_weight_fn(TWAConfig(), SEVERITY_MAPS["wmt-mqm"])
     assert by_map(minor_punct) == pytest.approx(0.1) and by_map(major) == 5.0
-    fixed = severity_weight_fn(TWAConfig(severity_weights={"minor": 1, "major": 3, "critical": 9}),
+    fixed = severity_weight_fn(TWAConfig(severity_weights=SeverityWeights(minor=1, major=3, critical=9)),
                                SEVERITY_MAPS["xcomet"])
     assert fixed(minor_punct) == 1.0 and fixed(major) == 3.0
 
@@ -119,13 +119,13 @@ def policy_of(path: Path):
 
 
 def row(policy, src: str, mt: str, bad: str | None = None, severity: str = "major") -> dict:
-    from mtrl.label import target_ids
+    from mtrl.algorithms.offline_data import policy_target_ids
 
     spans = []
     if bad is not None:
         start = mt.index(bad)
         spans = [{"start": start, "end": start + len(bad), "severity": severity}]
-    ids = target_ids(policy.tokenizer, mt, policy.eos_token_id, drop_bos=policy.kind == "causal")
+    ids = policy_target_ids(policy, mt)
     return {"src": src, "mt": mt, "token_ids": ids, "spans": spans}
 
 
@@ -163,8 +163,9 @@ def test_forced_language_token_is_never_trained(tiny_nllb):
 
     model, tok, kind = load_model_and_tokenizer(str(tiny_nllb))
     policy = Policy(model, tok, kind, PolicyConfig(model="", src_lang_code="eng_Latn", tgt_lang_code="deu_Latn"))
-    twa = TWA(TWAConfig(), policy, None, None, None, 0)
-    ids = twa.target_ids("Ein Hund.")
+    from mtrl.algorithms.offline_data import policy_target_ids
+
+    ids = policy_target_ids(policy, "Ein Hund.")
     assert ids[0] == policy.forced_bos_token_id and ids[-1] == policy.eos_token_id
     feat = build_features([{"src": "A dog.", "mt": "Ein Hund.", "token_ids": ids, "spans": []}], policy, TWAConfig(),
                           lambda sp: 1.0)[0]
@@ -199,19 +200,18 @@ def test_a_few_steps_lower_the_error_span_and_raise_the_clean_target(kind, tiny_
     policy = policy_of(tiny_seq2seq if kind == "seq2seq" else tiny_causal)
     rows = [row(policy, "A dog runs fast.", "Ein Katze läuft schnell.", bad="Katze"),
             row(policy, "A dog runs fast.", "Ein Hund läuft schnell.")]
-    pad = policy.tokenizer.pad_token_id
     sft = build_features([{**rows[0], "spans": []}], policy, TWAConfig(), lambda sp: 1.0)  # no spans: plain SFT
-    train_twa(policy.model, sft, TWAConfig(lr=3e-3, max_steps=40, batch_size=1, logging_steps=40), policy.kind, pad)
+    train_twa(policy, sft, TWAConfig(lr=3e-3, max_steps=40, batch_size=1, logging_steps=40), lambda row: None)
     cfg = TWAConfig(lr=1e-3, max_steps=6, batch_size=2, logging_steps=2)
     feats = build_features(rows, policy, cfg, lambda sp: 1.0)
     whole0, span0 = sequence_logprobs(policy, feats)
     assert span0[0] > -10.0  # the unlikelihood only bites where the span is likely
-    logged = []
-    history = train_twa(policy.model, feats, cfg, policy.kind, pad, log_metrics=logged.append)
+    history: list[dict] = []
+    train_twa(policy, feats, cfg, history.append)
     whole1, span1 = sequence_logprobs(policy, feats)
     assert span1[0] < span0[0] - 0.3  # p("Katze" | "Ein") went down
     assert whole1[1] > whole0[1] + 0.5  # the clean translation went up
-    assert [h["step"] for h in history] == [2, 4, 6] and logged == history
+    assert [h["step"] for h in history] == [2, 4, 6]
     assert {"loss", "ce", "unlikelihood", "span_prob", "error_spans", "grad_norm", "lr", "epoch"} <= set(history[0])
 
 
@@ -224,14 +224,14 @@ MQM_TSV = ("system\tdoc\tdoc_id\tseg_id\trater\tsource\ttarget\tcategory\tseveri
 
 
 def offline(tmp_path: Path, data: Path, policy, log=None):
+    from mtrl.algorithms.offline_data import OfflineConfig, offline_rows
+    from mtrl.algorithms.protocols import RunLog
     from mtrl.detectors import load_detector
-    from mtrl.label import OfflineConfig, offline_rows
     from mtrl.rewards import RewardConfig, Rewarder
 
     rewarder = Rewarder(RewardConfig(severity_map="wmt-mqm"), load_detector("reference"), policy.tokenizer)
-    return offline_rows(OfflineConfig(data=str(data)), "unused", [], rewarder, tmp_path / "offline",
-                        policy_config=policy.cfg, src_lang="English", tgt_lang="German", max_new_tokens=8, seed=0,
-                        log=log or (lambda *a: None), progress=False)
+    return offline_rows(OfflineConfig(data=str(data)), policy, rewarder, [], tmp_path / "offline", max_new_tokens=8,
+                        seed=0, log=RunLog(log or (lambda *a: None), lambda row: None, progress=False))
 
 
 def test_offline_rows_from_a_google_mqm_tsv(tiny_seq2seq, tmp_path):
@@ -345,12 +345,10 @@ def test_bad_keys_are_one_line_errors(tiny_seq2seq, small_data, tmp_path):
     for algo, words in [({"after_eror": "train"}, r"unknown key 'algorithm.after_eror' \(algorithm twa does not use it\)"
                                                   r"; did you mean 'after_error'"),
                         ({"after_error": "keep"}, r"algorithm.after_error: 'keep' is not allowed"),
-                        ({"severity_weights": {"minor": 1, "major": 5}}, "twa severity_weights: needs exactly the keys"),
+                        ({"severity_weights": {"minor": 1, "major": 5}}, r"algorithm.severity_weights.*critical"),
                         ({"severity_weights": {"minor": 1, "major": -5, "critical": 9}},
                          r"algorithm.severity_weights.major: must be >= 0"),
                         ({"max_steps": 0}, r"algorithm.max_steps: must be >= 1 or -1, got 0"),
                         ({"tau": 0.1}, "algorithm twa does not use it")]:
         with pytest.raises(MtrlError, match=words):
             recipe_from_dict({**base, "algorithm": {**base["algorithm"], **algo}})
-    with pytest.raises(MtrlError, match="allowed: ignore, train"):
-        TWAConfig(after_error="later")

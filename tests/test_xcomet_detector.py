@@ -172,13 +172,13 @@ def test_detect_prints_nothing(tiny_ckpt: Path) -> None:
     assert proc.stdout == "" and proc.stderr == ""
 
 
-def test_hub_id_offline_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_without_network_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     det = load_detector("xcomet", model="Unbabel/XCOMET-XL")
     with pytest.raises(MtrlError) as e:
         det.detect(["A dog."], ["Ein Hund."])
     msg = str(e.value)
-    assert "\n" not in msg and "offline" in msg and "--model /path/to/XCOMET-XL/checkpoints/model.ckpt" in msg
+    assert "\n" not in msg and "without network" in msg and "--model /path/to/XCOMET-XL/checkpoints/model.ckpt" in msg
 
 
 def test_missing_local_checkpoint(tmp_path: Path) -> None:

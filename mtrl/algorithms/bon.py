@@ -14,9 +14,9 @@ cross-entropy. The ranking reward is either
 ``min_reward`` drops the sources whose best row is below it (ReST's threshold; null keeps every source).
 Ties keep the first row of the source, so the choice is deterministic.
 
-The SFT loop is :func:`mtrl.algorithms.offline.sft`: plain cross-entropy on the hypothesis tokens (prompt
-tokens and a forced language token are not trained); the policy is trained in place and the runner saves
-``final/`` and evaluates it with its usual decoding.
+The loop is :func:`mtrl.algorithms.offline.train_offline` with plain cross-entropy on the hypothesis tokens
+(prompt tokens and a forced language token are not trained); the policy is trained in place and the runner
+saves ``final/`` and evaluates it with its usual decoding.
 """
 
 from __future__ import annotations
@@ -25,27 +25,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from mtrl.algorithms.offline import group_by_source, labelled_rows, row_value, sft, target_features
+from mtrl.algorithms.offline import (
+    OfflineTrainConfig,
+    group_by_source,
+    pad_batch,
+    row_value,
+    target_features,
+    token_nll,
+    train_offline,
+)
+from mtrl.algorithms.protocols import FitResult, OfflineData, RunLog
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, Policy
+from mtrl.rewards import Rewarder
 from mtrl.schema import Range
 
 
 @dataclass
-class BestOfNConfig:
+class BestOfNConfig(OfflineTrainConfig):
     name: Literal["bon"] = "bon"
     rank_by: Literal["return", "score"] = "return"  # return: sum of token_rewards (follows reward.mode); score
     min_reward: Annotated[float, Range()] | None = None  # drop sources whose best is below this; null: keep all
-    lr: Annotated[float, Range(gt=0)] = 1e-5
-    epochs: Annotated[float, Range(gt=0)] = 1.0
-    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
-    batch_size: Annotated[int, Range(ge=1)] = 8
-    grad_accum: Annotated[int, Range(ge=1)] = 1
-    logging_steps: Annotated[int, Range(ge=1)] = 10
-
-    def __post_init__(self) -> None:
-        if self.rank_by not in ("return", "score"):
-            raise MtrlError(f"bon rank_by: unknown value {self.rank_by!r}; allowed: return, score")
 
 
 # ---------------------------------------------------------------------------- selection
@@ -64,15 +64,14 @@ def select_best(rows: Sequence[dict], rank_by: str = "return", min_reward: float
 class BestOfN:
     """Offline: label n samples per source (or read ``offline.data``), keep the best of each, SFT on them."""
 
-    def __init__(self, cfg: BestOfNConfig, policy: Policy, rewarder: Any, gen: GenerationConfig, accelerator: Any,
+    def __init__(self, cfg: BestOfNConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig, accelerator: Any,
                  total_steps: int):
-        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+        self.cfg, self.policy = cfg, policy
 
-    def fit(self, ctx: Any) -> None:
-        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
+    def fit(self, data: OfflineData, log: RunLog) -> FitResult:
         cfg, p = self.cfg, self.policy
         # 1. n labelled samples per source
-        rows = labelled_rows(ctx, p, self.rewarder, self.gen)
+        rows = data.rows()
 
         # 2. the best of each source, if good enough
         kept = select_best(rows, cfg.rank_by, cfg.min_reward)
@@ -82,11 +81,12 @@ class BestOfN:
                             f"({n_sources} sources); lower algorithm.min_reward")
         values = [row_value(r, cfg.rank_by) for r in rows]
         best = [row_value(r, cfg.rank_by) for r in kept]
-        ctx.log(f"mtrl: best-of-n SFT on {len(kept)} of {n_sources} sources ({len(rows)} labelled rows) ...")
-        ctx.log_metrics({"step": 0, "bon_sources": n_sources, "bon_kept": len(kept),
-                         "bon_value_mean": sum(values) / len(values), "bon_best_value_mean": sum(best) / len(best)})
+        log.message(f"mtrl: best-of-n SFT on {len(kept)} of {n_sources} sources ({len(rows)} labelled rows) ...")
+        log.metrics({"step": 0, "bon_sources": n_sources, "bon_kept": len(kept),
+                     "bon_value_mean": sum(values) / len(values), "bon_best_value_mean": sum(best) / len(best)})
 
         # 3. cross-entropy on the kept rows, the policy trained in place
         features = [target_features(r, p) for r in kept]
-        for row in sft(p.model, features, cfg, p.kind, p.tokenizer.pad_token_id, ctx.seed):
-            ctx.log_metrics(row)
+        train_offline(p.model, features, lambda f: pad_batch(f, p.tokenizer.pad_token_id),
+                      lambda batch: token_nll(p.model, batch, p.kind), cfg, data.seed, log.metrics)
+        return FitResult()

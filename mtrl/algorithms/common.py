@@ -1,4 +1,5 @@
-"""What the on-policy algorithms share: masked statistics, the KL penalty, the optimiser, the step's metrics.
+"""What the online algorithms share: masked statistics, the KL penalty, the optimiser, sharded parameters
+gathered for a rollout, the step's metrics.
 
 Each algorithm file (``ppo.py``, ``reinforce.py``) reads top to bottom on its own;
 this module holds only the small pieces both would otherwise copy.
@@ -197,17 +198,3 @@ def rollout_metrics(rollout: Any, rewards: torch.Tensor, kl: torch.Tensor, kl_co
         "time_forward_s": rollout.stats["forward_s"],
         "time_update_s": update_s,
     }
-
-
-@dataclass
-class RunContext:
-    """What the runner hands a whole-run algorithm's ``fit`` (GRPO, Q-SFT)."""
-
-    train_pairs: Any
-    run_dir: Any  # pathlib.Path
-    seed: int
-    model_path: str  # the initial policy's weights
-    offline: Any  # the recipe's offline section (mtrl.label.OfflineConfig)
-    log: Any  # a stage message (str) -> None
-    log_metrics: Any  # a metrics.jsonl row (dict) -> None
-    progress: bool = True

@@ -15,9 +15,10 @@ RPO's (Pang et al. 2024, arXiv 2404.19733), the mean negative log-likelihood per
 
 * causal policies: TRL's ``DPOTrainer`` (decoder-only), fed the sampled token ids themselves (a decoded
   hypothesis re-tokenised can differ from the ids that were rewarded);
-* seq2seq policies: the loss above, written here (:func:`dpo_loss`), in an explicit loop: AdamW at a
-  constant rate, gradients clipped to norm 1, dropout off (TRL's ``disable_dropout``), the forced language
-  token of NLLB-type models not counted (it is not a choice of the policy).
+* seq2seq policies: the loss above, written here (:func:`dpo_loss`), in the offline loop
+  (:func:`mtrl.algorithms.offline.train_offline`: AdamW at a constant rate, gradients clipped to
+  ``max_grad_norm``) with dropout off (TRL's ``disable_dropout``), the forced language token of NLLB-type
+  models not counted (it is not a choice of the policy).
 
 Logged every ``logging_steps``: ``loss``, ``dpo_margin`` (mean m), ``dpo_accuracy`` (share of pairs with
 m > 0), ``dpo_chosen_reward`` and ``dpo_rejected_reward`` (the two β log-ratios; TRL's ``rewards/*``).
@@ -27,7 +28,7 @@ The policy is trained in place; the runner saves ``final/`` and evaluates it wit
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -35,37 +36,28 @@ import torch
 import torch.nn.functional as F
 
 from mtrl.algorithms.offline import (
+    OfflineTrainConfig,
     group_by_source,
-    labelled_rows,
-    num_steps,
     pad_batch,
     row_value,
     shifted_logits,
-    shuffled_batches,
     target_features,
+    train_offline,
 )
+from mtrl.algorithms.protocols import FitResult, OfflineData, RunLog
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, Policy, trainer_checkpointing
 from mtrl.schema import Range
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(OfflineTrainConfig):
     name: Literal["dpo"] = "dpo"
     beta: Annotated[float, Range(gt=0)] = 0.1  # strength of the implicit KL to the reference
     lr: Annotated[float, Range(gt=0)] = 1e-6  # the DPO paper's and TRL's default
-    epochs: Annotated[float, Range(gt=0)] = 1.0
-    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
-    batch_size: Annotated[int, Range(ge=1)] = 8  # pairs per micro-batch
-    grad_accum: Annotated[int, Range(ge=1)] = 1
     sft_weight: Annotated[float, Range(ge=0)] = 0.0  # RPO: + sft_weight x NLL of the chosen rows
     label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0  # conservative DPO: assumed share of flipped pairs
     rank_by: Literal["return", "score"] = "return"  # what makes a row the best or the worst of its source
-    logging_steps: Annotated[int, Range(ge=1)] = 10
-
-    def __post_init__(self) -> None:
-        if self.rank_by not in ("return", "score"):
-            raise MtrlError(f"dpo rank_by: unknown value {self.rank_by!r}; allowed: return, score")
 
 
 # ---------------------------------------------------------------------------- pairs
@@ -121,43 +113,26 @@ def pair_loss(model: Any, ref_model: Any, batch: dict[str, torch.Tensor], kind: 
 
 
 # ---------------------------------------------------------------------------- seq2seq: our loop
-def fit_seq2seq(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfig, seed: int = 0
-                ) -> list[dict[str, float]]:
-    """DPO on a seq2seq policy, in place: ``max_steps`` optimizer steps (-1: ``epochs`` passes over the pairs)
-    of ``batch_size`` x ``grad_accum`` pairs, shuffled each epoch. Returns the log rows."""
+def fit_seq2seq(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfig, seed: int,
+                log_metrics: Callable[[dict], None]) -> None:
+    """DPO on a seq2seq policy, in place, in the offline loop: batches of ``batch_size`` pairs, each the
+    chosen rows then the rejected rows, against a frozen copy of the initial policy."""
     model, kind = policy.model, policy.kind
-    chosen_feats = [target_features(c, policy) for c, _ in pairs]
-    rejected_feats = [target_features(r, policy) for _, r in pairs]
-    total, _ = num_steps(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
-    device = next(model.parameters()).device
+    chosen = [target_features(c, policy) for c, _ in pairs]
+    rejected = [target_features(r, policy) for _, r in pairs]
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # π_ref: the initial policy, frozen
-    batches = shuffled_batches(len(pairs), cfg.batch_size, seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    model.eval()  # dropout off: log π and log π_ref of the same rows agree before the first step
-    history, window = [], []
-    for step in range(1, total + 1):
-        for _ in range(cfg.grad_accum):
-            idx = next(batches)
-            batch = pad_batch([chosen_feats[i] for i in idx] + [rejected_feats[i] for i in idx],
-                              policy.tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, metrics = pair_loss(model, ref_model, batch, kind, cfg)
-            (loss / cfg.grad_accum).backward()
-            window.append(metrics)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % cfg.logging_steps == 0 or step == total:
-            history.append({"step": step, **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
-                            "lr": cfg.lr})
-            window = []
-    return history
+    pad = policy.tokenizer.pad_token_id
+    train_offline(model, list(range(len(pairs))),
+                  lambda idx: pad_batch([chosen[i] for i in idx] + [rejected[i] for i in idx], pad),
+                  lambda batch: pair_loss(model, ref_model, batch, kind, cfg), cfg, seed, log_metrics, dropout=False)
 
 
 # ---------------------------------------------------------------------------- causal: TRL's DPOTrainer
-def fit_causal(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfig, output_dir: str, seed: int,
-               log_metrics: Any, use_cpu: bool, progress: bool = True) -> None:
+def fit_causal(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfig, seed: int,
+               log_metrics: Callable[[dict], None], use_cpu: bool, progress: bool = True) -> None:
     """DPO on a causal policy, in place, with TRL's ``DPOTrainer`` on the sampled token ids."""
+    import tempfile
+
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig as TRLConfig
@@ -182,18 +157,21 @@ def fit_causal(policy: Policy, pairs: Sequence[tuple[dict, dict]], cfg: DPOConfi
                             "chosen_ids": [[int(t) for t in c["token_ids"]] for c, _ in pairs],
                             "rejected_ids": [[int(t) for t in r["token_ids"]] for _, r in pairs]})
     sft = cfg.sft_weight > 0
-    args = TRLConfig(output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
+    output_dir = tempfile.TemporaryDirectory(prefix="mtrl-dpo-")  # TRL wants one; save_strategy "no" keeps it empty
+    args = TRLConfig(output_dir=output_dir.name, per_device_train_batch_size=cfg.batch_size,
                      gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="constant",
                      num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, beta=cfg.beta,
                      label_smoothing=cfg.label_smoothing, loss_type=["sigmoid", "sft"] if sft else ["sigmoid"],
-                     loss_weights=[1.0, cfg.sft_weight] if sft else None, max_length=None, max_grad_norm=1.0,
+                     loss_weights=[1.0, cfg.sft_weight] if sft else None, max_length=None,
+                     max_grad_norm=cfg.max_grad_norm,
                      weight_decay=0.0, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
                      bf16=False, use_cpu=use_cpu, **trainer_checkpointing(policy.cfg.gradient_checkpointing),
                      seed=seed, disable_tqdm=not progress)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)  # π_ref: the initial policy, frozen
     trainer = TokenizedDPOTrainer(model=policy.model, ref_model=ref_model, args=args, train_dataset=ds,
                                   processing_class=policy.tokenizer, callbacks=[LogMetrics()])
-    trainer.train()
+    with output_dir:
+        trainer.train()
 
 
 # ---------------------------------------------------------------------------- the algorithm
@@ -202,14 +180,13 @@ class DPO:
 
     def __init__(self, cfg: DPOConfig, policy: Policy, rewarder: Any, gen: GenerationConfig, accelerator: Any,
                  total_steps: int):
-        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+        self.cfg, self.policy = cfg, policy
         self.cpu = accelerator.device.type == "cpu" or not torch.cuda.is_available()
 
-    def fit(self, ctx: Any) -> None:
-        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
+    def fit(self, data: OfflineData, log: RunLog) -> FitResult:
         cfg, p = self.cfg, self.policy
         # 1. n labelled samples per source
-        rows = labelled_rows(ctx, p, self.rewarder, self.gen)
+        rows = data.rows()
 
         # 2. best vs worst of each source
         pairs = preference_pairs(rows, cfg.rank_by)
@@ -218,14 +195,14 @@ class DPO:
             raise MtrlError(f"dpo: none of the {n_sources} sources has two rows of different {cfg.rank_by}; "
                             "sample more per source (offline.samples_per_source >= 2)")
         gaps = [row_value(c, cfg.rank_by) - row_value(r, cfg.rank_by) for c, r in pairs]
-        ctx.log(f"mtrl: DPO on {len(pairs)} pairs from {n_sources} sources ({len(rows)} labelled rows) ...")
-        ctx.log_metrics({"step": 0, "dpo_pairs": len(pairs), "dpo_sources": n_sources,
-                         "dpo_value_gap_mean": sum(gaps) / len(gaps)})
+        log.message(f"mtrl: DPO on {len(pairs)} pairs from {n_sources} sources ({len(rows)} labelled rows) ...")
+        log.metrics({"step": 0, "dpo_pairs": len(pairs), "dpo_sources": n_sources,
+                     "dpo_value_gap_mean": sum(gaps) / len(gaps)})
 
         # 3. DPO against a frozen copy of the initial policy, the policy trained in place
         if p.kind == "seq2seq":
-            for row in fit_seq2seq(p, pairs, cfg, ctx.seed):
-                ctx.log_metrics(row)
+            fit_seq2seq(p, pairs, cfg, data.seed, log.metrics)
         else:
-            fit_causal(p, pairs, cfg, str(ctx.run_dir / "dpo"), ctx.seed, ctx.log_metrics, self.cpu, ctx.progress)
+            fit_causal(p, pairs, cfg, data.seed, log.metrics, self.cpu, log.progress)
         p.model.eval()
+        return FitResult()

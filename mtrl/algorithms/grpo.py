@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from mtrl.algorithms.common import RunContext
+from mtrl.algorithms.protocols import FitResult, OfflineData, RunLog
 from mtrl.errors import MtrlError
 from mtrl.policy import GenerationConfig, Policy, trainer_checkpointing
 from mtrl.rewards import Rewarder
@@ -34,7 +34,8 @@ class GRPOConfig:
 
 
 class GRPO:
-    """Runs TRL's GRPOTrainer on the recipe's data for ``steps`` steps (a whole-run algorithm)."""
+    """Runs TRL's GRPOTrainer on the recipe's train pairs for ``train.steps`` steps: TRL owns the loop, so to
+    the runner it is one ``fit`` call (see :mod:`mtrl.algorithms.protocols`)."""
 
     def __init__(self, cfg: GRPOConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig,
                  accelerator: Any, total_steps: int):
@@ -44,14 +45,15 @@ class GRPO:
         self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
         self.total_steps, self.cpu = total_steps, accelerator.device.type == "cpu"
 
-    def fit(self, ctx: RunContext) -> None:
-        """``ctx``: the runner's train pairs, run directory, seed and metrics logger."""
+    def fit(self, data: OfflineData, log: RunLog) -> FitResult:
+        import tempfile
+
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import GRPOConfig as TRLConfig
         from trl import GRPOTrainer
 
-        cfg, gen, policy, train_pairs, log = self.cfg, self.gen, self.policy, ctx.train_pairs, ctx.log_metrics
+        cfg, gen, policy, train_pairs, log_metrics = self.cfg, self.gen, self.policy, data.pairs, log.metrics
         n = self.total_steps * cfg.batch_size
         pairs = [train_pairs[i % len(train_pairs)] for i in range(n)]
         ds = Dataset.from_dict({"prompt": [policy.prompt_text(s) for s, _ in pairs],
@@ -64,15 +66,19 @@ class GRPO:
         class AppendMetrics(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "reward" in logs:
-                    log({"step": state.global_step, **logs, "reward_mean": logs["reward"],
+                    log_metrics({"step": state.global_step, **logs, "reward_mean": logs["reward"],
                          "reward_std": logs.get("reward_std", 0.0)})
 
-        args = TRLConfig(output_dir=str(ctx.run_dir / "grpo"), per_device_train_batch_size=cfg.batch_size * cfg.samples_per_prompt,
+        output_dir = tempfile.TemporaryDirectory(prefix="mtrl-grpo-")  # TRL wants one; save_strategy "no" keeps it empty
+        args = TRLConfig(output_dir=output_dir.name, per_device_train_batch_size=cfg.batch_size * cfg.samples_per_prompt,
                          num_generations=cfg.samples_per_prompt, max_completion_length=gen.max_new_tokens,
                          learning_rate=cfg.lr, beta=cfg.kl_coef, temperature=gen.temperature, top_p=gen.top_p,
                          top_k=gen.top_k or None, max_steps=self.total_steps, logging_steps=1, save_strategy="no",
                          report_to="none", bf16=False, use_cpu=self.cpu or not torch.cuda.is_available(),
-                         **trainer_checkpointing(False), seed=ctx.seed, max_grad_norm=cfg.max_grad_norm, disable_tqdm=False)
+                         **trainer_checkpointing(False), seed=data.seed, max_grad_norm=cfg.max_grad_norm,
+                         disable_tqdm=not log.progress)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=reward, args=args, train_dataset=ds,
                               processing_class=policy.tokenizer, callbacks=[AppendMetrics()])
-        trainer.train()
+        with output_dir:
+            trainer.train()
+        return FitResult()

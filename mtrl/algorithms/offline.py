@@ -1,5 +1,5 @@
-"""What the offline algorithms (qsft, twa, bon, dpo) share: labelled rows, target features, padding, aligned
-logits, the shuffled batch order and a plain SFT loop.
+"""What the offline algorithms (qsft, twa, bon, dpo) share: their config keys, labelled rows, target features,
+padding, aligned logits and the one training loop (:func:`train_offline`).
 
 A *feature* is one translation, tokenised for teacher forcing:
 
@@ -16,25 +16,29 @@ TWA's positives) after ``len(labels) - len(token_ids)`` prompt positions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
 from mtrl.errors import MtrlError
+from mtrl.schema import Range
 
 
-def labelled_rows(ctx: Any, policy: Any, rewarder: Any, gen: Any, **kwargs: Any) -> list[dict]:
-    """The run's offline rows (:func:`mtrl.label.offline_rows`): the policy's samples labelled by the rewarder,
-    or ``offline.data``; ``ctx`` is the runner's :class:`mtrl.algorithms.common.RunContext`, ``kwargs`` go to
-    ``offline_rows`` (e.g. ``encode_target``)."""
-    from mtrl.label import offline_rows
+@dataclass
+class OfflineTrainConfig:
+    """Keys of every offline algorithm's training loop (``algorithm:`` section); each algorithm adds its own."""
 
-    return offline_rows(ctx.offline, ctx.model_path, ctx.train_pairs, rewarder, ctx.run_dir / "offline",
-                        policy_config=policy.cfg, src_lang=policy.src_lang, tgt_lang=policy.tgt_lang,
-                        max_new_tokens=gen.max_new_tokens, seed=ctx.seed, log=ctx.log, progress=ctx.progress,
-                        **kwargs)
+    name: str = ""
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    epochs: Annotated[float, Range(gt=0)] = 1.0
+    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
+    batch_size: Annotated[int, Range(ge=1)] = 8  # rows (DPO: pairs) per micro-batch
+    grad_accum: Annotated[int, Range(ge=1)] = 1
+    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
+    logging_steps: Annotated[int, Range(ge=1)] = 10
 
 
 def row_value(row: dict, by: str) -> float:
@@ -125,35 +129,54 @@ def shuffled_batches(n_items: int, batch_size: int, seed: int) -> Iterator[list[
         yield idx
 
 
-def sft(model: Any, features: list[dict], cfg: Any, kind: str, pad_token_id: int, seed: int = 0
-        ) -> list[dict[str, float]]:
-    """Plain SFT of ``model`` in place, an explicit loop: token-mean cross-entropy on the labels.
+def train_offline(model: Any, items: Sequence[Any], collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+                  loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+                  cfg: OfflineTrainConfig, seed: int, log_metrics: Callable[[dict], None], *,
+                  lr: float | None = None, max_steps: int | None = None,
+                  after_step: Callable[[], None] | None = None, dropout: bool = True) -> None:
+    """Train ``model`` in place: the loop every offline algorithm runs.
 
-    ``cfg`` gives ``lr``, ``epochs``, ``max_steps``, ``batch_size``, ``grad_accum`` and ``logging_steps``:
-    ``max_steps`` optimizer steps (-1: ``epochs`` passes) of ``batch_size`` x ``grad_accum`` features; AdamW at
-    a constant rate, no weight decay, gradients clipped to norm 1. Returns the log rows (``step``, ``loss``,
-    ``lr``) every ``logging_steps`` steps and at the last.
+    ``max_steps`` (default ``cfg.max_steps``; -1: ``cfg.epochs`` passes over ``items``) optimizer steps of
+    ``cfg.batch_size`` x ``cfg.grad_accum`` items, reshuffled every pass; ``collate`` turns a list of items
+    into a batch of tensors and ``loss_fn`` a batch into (loss, numbers to log). AdamW at the constant rate
+    ``lr`` (default ``cfg.lr``), no weight decay, gradients clipped to ``cfg.max_grad_norm``; ``after_step``
+    runs after each optimizer step (Q-SFT's Polyak update). Every ``cfg.logging_steps`` steps and at the last,
+    ``log_metrics`` gets ``step``, ``epoch``, ``lr``, the mean ``loss`` and numbers since the last row, and
+    the mean ``grad_norm`` (before clipping). ``dropout=False`` keeps the model in eval mode (DPO: log π and
+    log π_ref of the same rows agree before the first step).
     """
-    total, _ = num_steps(len(features), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    lr = cfg.lr if lr is None else lr
+    total, per_epoch = num_steps(len(items), cfg.batch_size, cfg.grad_accum, cfg.epochs,
+                                 cfg.max_steps if max_steps is None else max_steps)
     device = next(model.parameters()).device
-    batches = shuffled_batches(len(features), cfg.batch_size, seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    model.train()
-    history, losses = [], []
+    batches = shuffled_batches(len(items), cfg.batch_size, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train(dropout)
+    window: list[dict[str, float]] = []  # the micro-batches' numbers since the last log row
+    grad_norms: list[float] = []
     for step in range(1, total + 1):
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in pad_batch([features[i] for i in next(batches)], pad_token_id).items()}
-            logits, targets, mask, _ = shifted_logits(model, batch, kind)
-            logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-            mask = mask.float()
-            loss = (-logp * mask).sum() / mask.sum().clamp(min=1.0)
+            batch = {k: v.to(device) for k, v in collate([items[i] for i in next(batches)]).items()}
+            loss, stats = loss_fn(batch)
             (loss / cfg.grad_accum).backward()
-            losses.append(float(loss.detach()))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            window.append({"loss": float(loss.detach()), **stats})
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if step % cfg.logging_steps == 0 or step == total:
-            history.append({"step": step, "loss": sum(losses) / len(losses), "lr": cfg.lr})
-            losses = []
+            log_metrics({"step": step, "epoch": step / per_epoch, "lr": lr,
+                         **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                         "grad_norm": sum(grad_norms) / len(grad_norms)})
+            window, grad_norms = [], []
     model.eval()
-    return history
+
+
+def token_nll(model: Any, batch: dict[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean cross-entropy on a batch's labels: plain SFT's loss."""
+    logits, targets, mask, _ = shifted_logits(model, batch, kind)
+    logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    mask = mask.float()
+    return (-logp * mask).sum() / mask.sum().clamp(min=1.0), {}

@@ -44,17 +44,23 @@ abstract, a third-party review and a third-party blog derivation were):
   return. For the detector's span penalties (r ≤ 0, ``no_error=0``) the offline
   quickstart uses (-25, 0): an MQM-style score, 1 for no errors and 0 at 25
   penalty points, so error-free tokens earn 0 and length is not rewarded;
-* ``temperature``: rows sampled at T come from softmax(logits / T), so π_β, p_θ
-  and p_θ̄ are all read at T (the loss and the extraction divide the logits by
-  T): π_β is then the sampling distribution and p_θ starts equal to it (ratio 1);
+* temperature: rows sampled at T (``offline.temperature``) come from
+  softmax(logits / T), so π_β, p_θ and p_θ̄ are all read at T (the loss and the
+  extraction divide the logits by T): π_β is then the sampling distribution and
+  p_θ starts equal to it (ratio 1);
+* reward level: ``reward.mode: sentence`` trains on the sentence score put on the
+  last token; ``token``, on the token rewards;
 * ``target="monte_carlo"`` replaces the bootstrap by the row's own discounted
   return-to-go, clamped (Q of π_β rather than Q*: no target copy, one forward
   pass per step). Not in the paper; a baseline that isolates the bootstrap;
 * the loss is averaged over valid target tokens of the batch (padding and
   prompt tokens never count; a forced target-language token of NLLB-type models
   is not a choice and is not trained either);
-* training is an explicit loop (:func:`fit_stage`): AdamW at a constant rate,
-  gradient norm clipped to 1, a Polyak update after every optimizer step;
+* training is the offline loop (:func:`mtrl.algorithms.offline.train_offline`):
+  AdamW at a constant rate, gradients clipped to ``max_grad_norm``, a Polyak
+  update after every optimizer step;
+* p_θ is the policy's own model, trained in place; π_β is a copy of it made
+  before training, and ``final/`` keeps it in ``final/behaviour/``;
 * the extraction is a ``LogitsProcessor`` on ``π_β.generate`` that re-runs p_θ on
   the whole prefix each step (no KV cache for p_θ: simple, works with beams, costs
   O(T²) for p_θ).
@@ -63,11 +69,8 @@ abstract, a third-party review and a third-party blog derivation were):
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -77,53 +80,34 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 from mtrl.algorithms.offline import (
-    labelled_rows,
-    num_steps,
+    OfflineTrainConfig,
     pad_batch,
     row_value,
     shifted_logits,
-    shuffled_batches,
     target_features,
+    train_offline,
 )
+from mtrl.algorithms.protocols import FitResult, OfflineData, RunLog
 from mtrl.errors import MtrlError
-from mtrl.policy import GenerationConfig, PolicyConfig
+from mtrl.policy import GenerationConfig, Policy
+from mtrl.rewards import Rewarder
 from mtrl.schema import Range
 
 
 @dataclass
-class QSFTConfig:
+class QSFTConfig(OfflineTrainConfig):
     name: Literal["qsft"] = "qsft"
     gamma: Annotated[float, Range(ge=0, le=1)] = 1.0  # discount across tokens
     # Polyak rate of the target copy (0.005 in the reimplementation; larger for short runs)
     tau: Annotated[float, Range(ge=0, le=1)] = 0.05
     beta: Annotated[float, Range(ge=0)] = 1.0  # extraction: log π_β + β log p_θ
-    lr: Annotated[float, Range(gt=0)] = 1e-5
-    epochs: Annotated[float, Range(gt=0)] = 1.0
-    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
-    batch_size: Annotated[int, Range(ge=1)] = 8
-    grad_accum: Annotated[int, Range(ge=1)] = 1
     sft_steps: Annotated[int, Range(ge=0)] = 0  # SFT steps of π_β on the data (0: π_β is the initial model)
     sft_lr: Annotated[float, Range(gt=0)] | None = None  # defaults to lr
     support_topk: Annotated[int, Range(ge=1)] | None = 5  # max of the ratio over π_β's top-k actions; None: all
-    reward_level: Literal["token", "sentence"] = "token"
-    # the returns (sum of a row's token rewards; its score at sentence level) that map to 0 and 1; None: the
-    # dataset's lowest and highest return
+    # the returns (sum of a row's token rewards; its score with reward.mode sentence) that map to 0 and 1; None:
+    # the dataset's lowest and highest return
     return_range: tuple[float, float] | None = None
-    temperature: Annotated[float, Range(gt=0)] = 1.0  # the rows' sampling temperature: models read softmax(logits / T)
     target: Literal["bellman", "monte_carlo"] = "bellman"
-    logging_steps: Annotated[int, Range(ge=1)] = 10
-
-    def __post_init__(self) -> None:
-        if self.reward_level not in ("token", "sentence"):
-            raise MtrlError(f"qsft reward_level: unknown value {self.reward_level!r}; allowed: token, sentence")
-        if not 0.0 <= self.tau <= 1.0 or not 0.0 <= self.gamma <= 1.0:
-            raise MtrlError(f"qsft: tau and gamma must lie in [0, 1], got tau={self.tau}, gamma={self.gamma}")
-        if self.target not in ("bellman", "monte_carlo"):
-            raise MtrlError(f"qsft target: unknown value {self.target!r}; allowed: bellman, monte_carlo")
-        if self.return_range is not None and self.return_range[1] <= self.return_range[0]:
-            raise MtrlError(f"qsft: return_range must be (lo, hi) with hi > lo, got {self.return_range}")
-        if self.temperature <= 0:
-            raise MtrlError(f"qsft: temperature must be > 0, got {self.temperature}")
 
 
 # ---------------------------------------------------------------------------- the maths
@@ -189,11 +173,11 @@ def combine_logprobs(behaviour_logits: torch.Tensor, q_logits: torch.Tensor, bet
     return F.log_softmax(behaviour_logits.float(), -1) + beta * F.log_softmax(q_logits.float(), -1)
 
 
-def resolve_return_range(rows: Sequence[dict], cfg: QSFTConfig) -> tuple[float, float]:
-    """``cfg.return_range``, or the lowest and highest return in the rows."""
+def resolve_return_range(rows: Sequence[dict], cfg: QSFTConfig, level: str) -> tuple[float, float]:
+    """``cfg.return_range``, or the lowest and highest return in the rows (their scores at sentence ``level``)."""
     if cfg.return_range is not None:
         return float(cfg.return_range[0]), float(cfg.return_range[1])
-    returns = [row_value(r, "score" if cfg.reward_level == "sentence" else "return") for r in rows]
+    returns = [row_value(r, "score" if level == "sentence" else "return") for r in rows]
     lo, hi = min(returns), max(returns)
     return lo, (hi if hi > lo else lo + 1.0)
 
@@ -219,33 +203,23 @@ def rescale_rewards(token_rewards: Sequence[float], score: float | None, level: 
 
 
 # ---------------------------------------------------------------------------- data
-def build_features(rows: Sequence[dict], policy: Any, cfg: QSFTConfig) -> list[dict]:
+def build_features(rows: Sequence[dict], policy: Any, cfg: QSFTConfig, level: str = "token") -> list[dict]:
     """Pre-tokenised rows: :func:`mtrl.algorithms.offline.target_features` (``input_ids``, seq2seq
     ``decoder_input_ids``, ``labels`` with -100 on prompt tokens and a forced language token) plus ``rewards``,
     rescaled, at the target tokens' positions (0 on a causal row's prompt; the causal shift happens in
     :func:`token_logits`).
     """
     feats = []
-    return_range = resolve_return_range(rows, cfg)
+    return_range = resolve_return_range(rows, cfg, level)
     for i, row in enumerate(rows):
         ids = [int(t) for t in row["token_ids"]]
         if not ids or len(ids) != len(row["token_rewards"]):
             raise MtrlError(f"qsft row {i}: token_ids and token_rewards must be non-empty and of equal length")
-        rewards = rescale_rewards(row["token_rewards"], row.get("score"), cfg.reward_level, return_range)
+        rewards = rescale_rewards(row["token_rewards"], row.get("score"), level, return_range)
         feat = target_features(row, policy)
         n_prompt = len(feat["labels"]) - len(ids)
         feats.append({**feat, "rewards": [0.0] * n_prompt + rewards})
     return feats
-
-
-class QSFTCollator:
-    """Right-pads every column (the token layout the trainers and bellman_targets assume)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(feats, self.pad, ["rewards"])
 
 
 def token_logits(model: Any, batch: dict[str, torch.Tensor], kind: str
@@ -256,105 +230,52 @@ def token_logits(model: Any, batch: dict[str, torch.Tensor], kind: str
 
 
 # ---------------------------------------------------------------------------- training
-def batch_loss(model: Any, batch: dict[str, torch.Tensor], kind: str, cfg: QSFTConfig, target_model: Any = None,
-               behaviour_model: Any = None) -> tuple[torch.Tensor, float | None]:
+def batch_loss(model: Any, batch: dict[str, torch.Tensor], kind: str, cfg: QSFTConfig, temperature: float = 1.0,
+               target_model: Any = None, behaviour_model: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The Q-SFT loss of a batch and the mean target weight; without a behaviour model, plain SFT (w = 1).
 
-    Every model is read at ``cfg.temperature`` (the rows' sampling temperature).
+    Every model is read at ``temperature`` (the rows' sampling temperature).
     """
-    temp = cfg.temperature
     logits, targets, mask, rewards = token_logits(model, batch, kind)
-    logits = logits / temp
+    logits = logits / temperature
     if behaviour_model is None:
-        weights = mask.float()
-    elif cfg.target == "monte_carlo":
+        return qsft_loss(logits, targets, mask.float(), mask), {}
+    if cfg.target == "monte_carlo":
         weights = monte_carlo_targets(rewards, mask, cfg.gamma)
     else:
         with torch.no_grad():
-            target_logits = token_logits(target_model, batch, kind)[0] / temp
-            behaviour_logits = token_logits(behaviour_model, batch, kind)[0] / temp
+            target_logits = token_logits(target_model, batch, kind)[0] / temperature
+            behaviour_logits = token_logits(behaviour_model, batch, kind)[0] / temperature
         weights = bellman_targets(rewards, target_logits, behaviour_logits, mask, cfg.gamma, cfg.support_topk)
-    mean = float(weights.sum() / mask.sum().clamp(min=1)) if behaviour_model is not None else None
-    return qsft_loss(logits, targets, weights, mask), mean
+    mean = float(weights.sum() / mask.sum().clamp(min=1))
+    return qsft_loss(logits, targets, weights, mask), {"qsft_target_mean": mean}
 
 
-def fit_stage(model: Any, features: list[dict], cfg: QSFTConfig, kind: str, steps: int, lr: float, pad_token_id: int,
-              seed: int = 0, target_model: Any = None, behaviour_model: Any = None) -> list[dict[str, float]]:
-    """One training stage, an explicit loop: SFT of π_β (no behaviour model) or Q-SFT (target + behaviour).
-
-    ``steps`` optimizer steps (``<= 0``: ``cfg.epochs`` passes over the features) of ``cfg.batch_size`` x
-    ``cfg.grad_accum`` rows, shuffled each epoch; AdamW at a constant ``lr``, gradients clipped to norm 1;
-    after each step the target copy moves towards the model (Polyak, ``cfg.tau``). Returns the log rows
-    (``step``, ``loss``, ``qsft_target_mean``) every ``cfg.logging_steps`` steps.
-    """
-    collate = QSFTCollator(pad_token_id)
-    total, _ = num_steps(len(features), cfg.batch_size, cfg.grad_accum, cfg.epochs, steps)
-    device = next(model.parameters()).device
-    for m in (target_model, behaviour_model):
-        if m is not None:
-            m.to(device).eval().requires_grad_(False)
-    batches = shuffled_batches(len(features), cfg.batch_size, seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    history, losses, means = [], [], []
-    for step in range(1, total + 1):
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in next(batches)]).items()}
-            loss, mean = batch_loss(model, batch, kind, cfg, target_model, behaviour_model)
-            (loss / cfg.grad_accum).backward()
-            losses.append(float(loss.detach()))
-            if mean is not None:
-                means.append(mean)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if target_model is not None:
-            polyak_update(target_model, model, cfg.tau)
-        if step % cfg.logging_steps == 0 or step == total:
-            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr}
-            if means:
-                row["qsft_target_mean"] = sum(means) / len(means)
-            history.append(row)
-            losses, means = [], []
-    model.eval()
-    return history
-
-
-def train_qsft(model_path: str, rows: list[dict], out_dir: Path, config: QSFTConfig,
-               policy_config: PolicyConfig | None = None, src_lang: str = "English", tgt_lang: str = "German",
-               seed: int = 0) -> Path:
-    """SFT π_β on the rows, then Q-SFT p_θ from the same init; returns ``out_dir/q_model`` (π_β in ``out_dir/behaviour``).
+def train_qsft(policy: Policy, rows: list[dict], cfg: QSFTConfig, level: str, temperature: float, seed: int,
+               log_metrics: Callable[[dict], None]) -> Any:
+    """SFT π_β (a copy of the policy's model) on the rows, then Q-SFT of the policy's own model (p_θ), in place;
+    returns π_β, frozen.
 
     Each row: ``src``, ``mt``, ``token_ids`` (target ids, EOS included), ``token_rewards``
-    (same length, before rescaling), optional ``score`` (sentence level).
+    (same length, before rescaling), optional ``score`` (``level`` "sentence").
     """
-    from mtrl.policy import Policy, load_model_and_tokenizer
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    pc = policy_config or PolicyConfig()
-    model, tok, kind = load_model_and_tokenizer(model_path, pc.kind, pc.tokenizer, pc.dtype)
-    policy = Policy(model, tok, kind, pc, src_lang, tgt_lang)
-    features = build_features(rows, policy, config)
+    model, kind = policy.model, policy.kind
+    features = build_features(rows, policy, cfg, level)
+    collate = lambda feats: pad_batch(feats, policy.tokenizer.pad_token_id, ["rewards"])  # noqa: E731
 
     behaviour = copy.deepcopy(model)
-    if config.sft_steps > 0:
-        fit_stage(behaviour, features, config, kind, config.sft_steps, config.sft_lr or config.lr, tok.pad_token_id,
-                  seed)
+    if cfg.sft_steps > 0:  # its log rows are not kept: metrics.jsonl holds the Q-SFT stage's
+        train_offline(behaviour, features, collate, lambda b: batch_loss(behaviour, b, kind, cfg, temperature), cfg,
+                      seed, lambda row: None, lr=cfg.sft_lr or cfg.lr, max_steps=cfg.sft_steps)
     behaviour.eval().requires_grad_(False)
 
-    target = copy.deepcopy(model) if config.target == "bellman" else None  # Monte Carlo targets need no copy
-    log = fit_stage(model, features, config, kind, config.max_steps, config.lr, tok.pad_token_id, seed,
-                    target_model=target, behaviour_model=behaviour)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "qsft_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in log))
-
-    for name, m in (("q_model", model), ("behaviour", behaviour)):
-        m.save_pretrained(out_dir / name)
-        tok.save_pretrained(out_dir / name)
-    cfg = asdict(config)
-    (out_dir / "qsft_config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return out_dir / "q_model"
+    target = None  # Monte Carlo targets need no copy
+    if cfg.target == "bellman":
+        target = copy.deepcopy(model).eval().requires_grad_(False)
+    train_offline(model, features, collate,
+                  lambda b: batch_loss(model, b, kind, cfg, temperature, target, behaviour), cfg, seed, log_metrics,
+                  after_step=(lambda: polyak_update(target, model, cfg.tau)) if target is not None else None)
+    return behaviour
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -390,21 +311,17 @@ class QSFTLogitsProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
-def qsft_translate(q_model: Any, behaviour_model: Any, tokenizer: Any, sources: Sequence[str], beta: float = 1.0,
-                   max_new_tokens: int = 128, num_beams: int = 1, do_sample: bool = False,
-                   policy_config: PolicyConfig | None = None, src_lang: str = "English", tgt_lang: str = "German",
-                   temperature: float = 1.0, **generate_kwargs: Any) -> list[str]:
-    """Decode with π ∝ π_β p_θ^β: π_β generates, the processor adds β log p_θ at every step."""
-    from mtrl.policy import Policy, detect_kind
-
-    kind = detect_kind(behaviour_model.config)
-    policy = Policy(behaviour_model, tokenizer, kind, policy_config, src_lang, tgt_lang)
+def qsft_translate(policy: Policy, behaviour_model: Any, sources: Sequence[str], beta: float = 1.0,
+                   max_new_tokens: int = 128, num_beams: int = 1, temperature: float = 1.0,
+                   **generate_kwargs: Any) -> list[str]:
+    """Decode with π ∝ π_β p_θ^β: π_β generates, the processor adds β log p_θ (``policy.model``) at every step."""
+    q_model, tokenizer, kind = policy.model, policy.tokenizer, policy.kind
     q_model.eval()
     behaviour_model.eval()
     queries, qmask = policy.encode_sources(list(sources))
     proc = QSFTLogitsProcessor(q_model, beta, kind, queries, qmask, temperature)
     kwargs: dict[str, Any] = dict(**policy.length_kwargs(queries, max_new_tokens), num_beams=num_beams,
-                                  do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=policy.eos_token_id)
     if policy.forced_bos_token_id is not None:
         kwargs["forced_bos_token_id"] = policy.forced_bos_token_id
@@ -417,49 +334,32 @@ def qsft_translate(q_model: Any, behaviour_model: Any, tokenizer: Any, sources: 
 
 # ---------------------------------------------------------------------------- the algorithm
 class QSFT:
-    """Offline: label the policy's own samples (or read ``offline.data``), fit π_β and p_θ, decode with both.
+    """Offline: fit π_β and p_θ on the labelled rows, and translate with both (:meth:`translate`)."""
 
-    A whole-run algorithm: :meth:`fit` runs once (no rollouts, no per-step checkpoints), and
-    :meth:`translate` is the extraction the runner evaluates after training.
-    """
-
-    writes_final = True  # final/ holds q_model/ and behaviour/, written by train_qsft
-
-    def __init__(self, cfg: QSFTConfig, policy: Any, rewarder: Any, gen: GenerationConfig, accelerator: Any,
+    def __init__(self, cfg: QSFTConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig, accelerator: Any,
                  total_steps: int):
-        if rewarder.config.mode not in ("token", "sentence"):
-            raise MtrlError("algorithm qsft needs reward.mode 'token' or 'sentence'")
-        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
-        self.q_model = self.behaviour = None
+        self.cfg, self.policy, self.gen = cfg, policy, gen
+        self.level = "sentence" if rewarder.config.mode == "sentence" else "token"
+        self.behaviour: Any = None
+        self.temperature = 1.0
 
-    def fit(self, ctx: Any) -> None:
-        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
-        p = self.policy
-        rows = labelled_rows(ctx, p, self.rewarder, self.gen)
-        level = "sentence" if self.rewarder.config.mode == "sentence" else "token"
-        sampled_at = {} if ctx.offline.data else {"temperature": ctx.offline.temperature}  # read every model at T
-        cfg = self.cfg = dataclasses.replace(self.cfg, reward_level=level, **sampled_at)
-        ctx.log(f"mtrl: Q-SFT on {len(rows)} labelled rows ...")
-        out = ctx.run_dir / "final"
-        q_dir = train_qsft(ctx.model_path, rows, out, cfg, p.cfg, p.src_lang, p.tgt_lang, ctx.seed)
-        for line in (out / "qsft_log.jsonl").read_text().splitlines():
-            ctx.log_metrics(json.loads(line))
-        from mtrl.policy import load_model_and_tokenizer
-
-        self.q_model = load_model_and_tokenizer(str(q_dir))[0]
-        self.behaviour = load_model_and_tokenizer(str(out / "behaviour"))[0]
+    def fit(self, data: OfflineData, log: RunLog) -> FitResult:
+        rows = data.rows()
+        log.message(f"mtrl: Q-SFT on {len(rows)} labelled rows ...")
+        self.temperature = data.temperature
+        self.behaviour = train_qsft(self.policy, rows, self.cfg, self.level, data.temperature, data.seed, log.metrics)
+        return FitResult(translate=self.translate, models={"behaviour": self.behaviour})
 
     def translate(self, sources: Sequence[str]) -> list[str]:
         """Greedy (or beam) decoding with log π_β + β log p_θ, length-sorted batches, input order."""
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         hyps = [""] * len(sources)
-        p, gen = self.policy, self.gen
+        gen = self.gen
         for i in range(0, len(order), gen.eval_batch_size):
             idx = order[i:i + gen.eval_batch_size]
-            out = qsft_translate(self.q_model, self.behaviour, p.tokenizer, [sources[j] for j in idx],
-                                 beta=self.cfg.beta, max_new_tokens=gen.max_new_tokens, num_beams=gen.eval_num_beams,
-                                 policy_config=p.cfg, src_lang=p.src_lang, tgt_lang=p.tgt_lang,
-                                 temperature=self.cfg.temperature)
+            out = qsft_translate(self.policy, self.behaviour, [sources[j] for j in idx], beta=self.cfg.beta,
+                                 max_new_tokens=gen.max_new_tokens, num_beams=gen.eval_num_beams,
+                                 temperature=self.temperature)
             for j, t in zip(idx, out):
                 hyps[j] = t.strip()
         return hyps

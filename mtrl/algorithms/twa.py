@@ -46,10 +46,11 @@ Our choices (not taken from the paper):
   the nearest token), applied span by span, so spans, rewards and TWA agree on which tokens are in error;
 * a forced target-language token (NLLB) and prompt tokens are never trained; omissions (errors marked in
   the source, or the reference detector's omission penalty) have no span in the translation and give no term;
-* optimisation: an explicit loop, AdamW at a constant rate, gradients clipped to ``max_grad_norm``,
-  ``policy.model`` trained in place (the runner then saves ``final/`` and evaluates its greedy decoding).
+* optimisation: the offline loop (:func:`mtrl.algorithms.offline.train_offline`), AdamW at a constant rate,
+  gradients clipped to ``max_grad_norm``, ``policy.model`` trained in place (the runner then saves ``final/``
+  and evaluates its greedy decoding).
 
-Data (``offline:`` section, :func:`mtrl.label.offline_rows`): the policy's own samples labelled by the
+Data (``offline:`` section, :func:`mtrl.algorithms.offline_data.offline_rows`): the policy's own samples labelled by the
 recipe's detector, or ``offline.data``: `mtrl label` output, human MQM annotations (Google's MQM TSV, or the
 JSONL of shared/data/mqm, the gold format), or xCOMET-labelled JSONL from elsewhere; the annotated
 translations themselves are the training targets, tokenised with the policy's tokenizer.
@@ -66,46 +67,38 @@ import torch
 import torch.nn.functional as F
 
 from mtrl.algorithms.offline import (
-    labelled_rows,
-    num_steps,
+    OfflineTrainConfig,
     pad_batch,
     shifted_logits,
-    shuffled_batches,
     target_features,
+    train_offline,
 )
+from mtrl.algorithms.protocols import FitResult, OfflineData, RunLog
 from mtrl.detectors.spans import SEVERITIES, ErrorSpan, SeverityMap, SpanError
 from mtrl.errors import MtrlError
-from mtrl.policy import GenerationConfig
+from mtrl.policy import GenerationConfig, Policy
+from mtrl.rewards import Rewarder
 from mtrl.schema import Range
 
 MAX_LOG_SPAN_PROB = math.log1p(-1e-6)  # p(span) <= 1 - 1e-6: -log(1 - p) stays finite
 
 
 @dataclass
-class TWAConfig:
+class SeverityWeights:
+    """|w| per severity (``algorithm.severity_weights``): all three, each finite and >= 0."""
+
+    minor: Annotated[float, Range(ge=0)]
+    major: Annotated[float, Range(ge=0)]
+    critical: Annotated[float, Range(ge=0)]
+
+
+@dataclass
+class TWAConfig(OfflineTrainConfig):
     name: Literal["twa"] = "twa"
-    lr: Annotated[float, Range(gt=0)] = 1e-5
-    epochs: Annotated[float, Range(gt=0)] = 1.0
-    max_steps: Annotated[int, Range(ge=1, also=(-1,))] = -1  # > 0 overrides epochs; -1: epochs
-    batch_size: Annotated[int, Range(ge=1)] = 8  # rows per micro-batch
-    grad_accum: Annotated[int, Range(ge=1)] = 1
     # non-error tokens after the first error: "ignore" (the paper: off-trajectory) or "train" (all positives)
     after_error: Literal["ignore", "train"] = "ignore"
     # |w| per severity, e.g. {minor: 1, major: 5, critical: 10}; null: |reward.severity_map value| of each span
-    severity_weights: dict[str, Annotated[float, Range(ge=0)]] | None = None
-    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
-    logging_steps: Annotated[int, Range(ge=1)] = 10
-
-    def __post_init__(self) -> None:
-        if self.after_error not in ("ignore", "train"):
-            raise MtrlError(f"twa after_error: unknown value {self.after_error!r}; allowed: ignore, train")
-        if self.severity_weights is not None:
-            keys = set(self.severity_weights)
-            if keys != set(SEVERITIES):
-                raise MtrlError(f"twa severity_weights: needs exactly the keys {', '.join(SEVERITIES)}, got "
-                                f"{', '.join(sorted(map(str, keys))) or 'none'}")
-            if any(not isinstance(v, (int, float)) or not 0 <= v < math.inf for v in self.severity_weights.values()):
-                raise MtrlError(f"twa severity_weights: values must be finite numbers >= 0, got {self.severity_weights}")
+    severity_weights: SeverityWeights | None = None
 
 
 # ---------------------------------------------------------------------------- the maths
@@ -165,7 +158,7 @@ def span_token_indices(text: str, offsets: Sequence[tuple[int, int]], spans: Seq
 def severity_weight_fn(cfg: TWAConfig, severity_map: SeverityMap) -> Callable[[dict], float]:
     """|w| of a span dict: ``cfg.severity_weights`` by severity, else |its value under the reward's severity map|."""
     if cfg.severity_weights is not None:
-        return lambda sp: float(cfg.severity_weights[ErrorSpan.from_dict(sp).severity])
+        return lambda sp: float(getattr(cfg.severity_weights, ErrorSpan.from_dict(sp).severity))
     return lambda sp: abs(float(severity_map.value(ErrorSpan.from_dict(sp))))
 
 
@@ -219,69 +212,34 @@ def aligned(model: Any, batch: dict[str, torch.Tensor], kind: str
     return logits, targets, positive * valid, members * valid.unsqueeze(0)
 
 
-# ---------------------------------------------------------------------------- training
-def train_twa(model: Any, features: list[dict], cfg: TWAConfig, kind: str, pad_token_id: int, seed: int = 0,
-              log_metrics: Callable[[dict], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` in place, an explicit loop; returns the logged rows (also passed to ``log_metrics``).
+def batch_loss(model: Any, batch: dict[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """The TWA loss of a collated batch and its parts (:func:`twa_loss`)."""
+    logits, targets, positive, members = aligned(model, batch, kind)
+    return twa_loss(logits, targets, positive, members, batch["span_weights"])
 
-    ``cfg.max_steps`` optimizer steps (-1: ``cfg.epochs`` passes over the features) of ``cfg.batch_size`` x
-    ``cfg.grad_accum`` rows, reshuffled every pass; AdamW at a constant ``cfg.lr``, no weight decay.
-    """
-    total, per_epoch = num_steps(len(features), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
-    device = next(model.parameters()).device
-    batches = shuffled_batches(len(features), cfg.batch_size, seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    model.train()
-    history: list[dict[str, float]] = []
-    window: list[dict[str, float]] = []  # the micro-batches' numbers since the last log row
-    grad_norms: list[float] = []
-    for step in range(1, total + 1):
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in next(batches)], pad_token_id).items()}
-            logits, targets, positive, members = aligned(model, batch, kind)
-            loss, stats = twa_loss(logits, targets, positive, members, batch["span_weights"])
-            (loss / cfg.grad_accum).backward()
-            window.append({"loss": float(loss.detach()), **stats})
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % cfg.logging_steps == 0 or step == total:
-            row = {"step": step, "epoch": step / per_epoch, "lr": cfg.lr,
-                   **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                   "grad_norm": sum(grad_norms) / len(grad_norms)}
-            history.append(row)
-            if log_metrics is not None:
-                log_metrics(row)
-            window, grad_norms = [], []
-    model.eval()
-    return history
+
+# ---------------------------------------------------------------------------- training
+def train_twa(policy: Policy, features: list[dict], cfg: TWAConfig, log_metrics: Callable[[dict], None],
+              seed: int = 0) -> None:
+    """TWA on ``policy.model`` in place, in the offline loop; each log row adds the loss's parts (:func:`twa_loss`)."""
+    train_offline(policy.model, features, lambda f: collate(f, policy.tokenizer.pad_token_id),
+                  lambda batch: batch_loss(policy.model, batch, policy.kind), cfg, seed, log_metrics)
 
 
 # ---------------------------------------------------------------------------- the algorithm
 class TWA:
     """Offline: annotated translations (``offline.data``, or the policy's samples labelled by the detector),
-    then TWA on ``policy.model`` in place. A whole-run algorithm: the runner calls :meth:`fit` once, then saves
-    ``final/`` and evaluates the policy's own decoding."""
+    then TWA on ``policy.model`` in place."""
 
-    def __init__(self, cfg: TWAConfig, policy: Any, rewarder: Any, gen: GenerationConfig, accelerator: Any,
+    def __init__(self, cfg: TWAConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig, accelerator: Any,
                  total_steps: int):
-        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
+        self.cfg, self.policy, self.severity_map = cfg, policy, rewarder.config.severity()
 
-    def target_ids(self, text: str) -> list[int]:
-        """The ids the policy would emit for ``text`` (EOS last; NLLB: its target-language token first)."""
-        from mtrl.label import target_ids
-
+    def fit(self, data: OfflineData, log: RunLog) -> FitResult:
         p = self.policy
-        return target_ids(p.tokenizer, text, p.eos_token_id, p.forced_bos_token_id, drop_bos=p.kind == "causal")
-
-    def fit(self, ctx: Any) -> None:
-        """``ctx``: the runner's :class:`mtrl.algorithms.common.RunContext`."""
-        p = self.policy
-        rows = labelled_rows(ctx, p, self.rewarder, self.gen, encode_target=self.target_ids)
-        weight = severity_weight_fn(self.cfg, self.rewarder.config.severity())
-        features = build_features(rows, p, self.cfg, weight)
+        features = build_features(data.rows(), p, self.cfg, severity_weight_fn(self.cfg, self.severity_map))
         n_spans = sum(len(f["spans"]) for f in features)
         n_clean = sum(not f["spans"] for f in features)
-        ctx.log(f"mtrl: TWA on {len(features)} rows ({n_spans} error spans, {n_clean} rows without errors) ...")
-        train_twa(p.model, features, self.cfg, p.kind, p.tokenizer.pad_token_id, ctx.seed, ctx.log_metrics)
+        log.message(f"mtrl: TWA on {len(features)} rows ({n_spans} error spans, {n_clean} rows without errors) ...")
+        train_twa(p, features, self.cfg, log.metrics, data.seed)
+        return FitResult()

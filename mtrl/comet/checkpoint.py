@@ -44,12 +44,12 @@ def resolve_checkpoint(model: str, label: str = "comet", hint: str = "") -> Path
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):  # as huggingface_hub reads it
-        raise MtrlError(f"{label}: model {model!r} could not be loaded offline (not in the Hugging Face "
-                        f"cache and HF_HUB_OFFLINE is set){hint}")
+        raise MtrlError(f"{label}: model {model!r} could not be loaded without network (not in the "
+                        f"Hugging Face cache and HF_HUB_OFFLINE is set){hint}")
     try:
         return Path(snapshot_download(repo_id=model)) / "checkpoints" / "model.ckpt"
     except Exception as e:
-        raise MtrlError(f"{label}: model {model!r} could not be loaded offline or downloaded "
+        raise MtrlError(f"{label}: model {model!r} is not in the Hugging Face cache and could not be downloaded "
                         f"({one_line(e, 300)}){hint}") from None
 
 

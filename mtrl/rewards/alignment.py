@@ -42,10 +42,10 @@ cached per tokenizer), and handles byte tokens with an incremental UTF-8 decoder
 The concatenation is checked against the real decode; on any mismatch (decoders
 with context effects such as clean-up rewrites, ``BPEDecoder`` suffixes, invalid or
 truncated UTF-8, a slow tokenizer) it falls back to the exact reference, so the
-result always equals the reference. ``tokenizers.decoders.DecodeStream`` exists in
-tokenizers 0.22 but was not used: it returns ``None`` both for pending tokens and
-for tokens that produce nothing, costs a Python->Rust call per token, and was
-slower than the lookup here (10-45 us per segment on the test tokenizers).
+result always equals the reference. ``tokenizers.decoders.DecodeStream`` (tokenizers
+0.22) is not used: it returns ``None`` both for pending tokens and for tokens that
+produce nothing, costs a Python->Rust call per token, and is slower than the lookup
+here (10-45 us per segment on the test tokenizers).
 """
 
 from __future__ import annotations
@@ -387,49 +387,3 @@ def uses_fast_path(
     raw = tables.backend.decode_batch([comp], skip_special_tokens=True)[0]
     text = _decode_many(tokenizer, [comp], True, True)[0] if clean_up_tokenization_spaces else raw
     return raw == text and _fast_offsets(tables, comp, text) is not None
-
-
-def padded_token_offsets(
-    tokenizer: Any,
-    input_ids: Any,
-    attention_mask: Any = None,
-    completion_starts: int | Sequence[int] = 0,
-    clean_up_tokenization_spaces: bool = False,
-) -> tuple[list[str], list[Offsets]]:
-    """:func:`batch_token_offsets` for a padded ``[batch, seq]`` tensor/array/list.
-
-    Positions with ``attention_mask == 0`` (left or right padding) are left out of the
-    decode and get an empty interval at the current position, as do positions before
-    ``completion_starts`` (padded coordinates; an int applies to every row). Each row of
-    offsets has the padded length. For sentence-level rewards pass the index of the last
-    real token as ``last_index`` (:func:`mtrl.rewards.token_rewards`).
-    """
-    rows = [_as_list(r) for r in _as_list_rows(input_ids)]
-    if attention_mask is None:
-        masks = [[1] * len(r) for r in rows]
-    else:
-        masks = [_as_list(m) for m in _as_list_rows(attention_mask)]
-    cs = [completion_starts] * len(rows) if isinstance(completion_starts, int) else list(completion_starts)
-    keep = [[j for j, m in enumerate(mask) if m and j >= c] for mask, c in zip(masks, cs, strict=False)]
-    texts, comp_off = batch_token_offsets(
-        tokenizer, [[r[j] for j in k] for r, k in zip(rows, keep, strict=False)], None, clean_up_tokenization_spaces
-    )
-    out: list[Offsets] = []
-    for r, k, off in zip(rows, keep, comp_off, strict=False):
-        full: Offsets = []
-        it = iter(zip(k, off, strict=False))
-        nxt = next(it, None)
-        cur = 0
-        for j in range(len(r)):
-            if nxt is not None and nxt[0] == j:
-                full.append(nxt[1])
-                cur = nxt[1][1]
-                nxt = next(it, None)
-            else:
-                full.append((cur, cur))
-        out.append(full)
-    return texts, out
-
-
-def _as_list_rows(x: Any) -> list:
-    return x.tolist() if hasattr(x, "tolist") else list(x)

@@ -103,12 +103,3 @@ def spread_words(text: str, offsets: Sequence[tuple[int, int]], ends: list[int],
             out[-1] += value
         prev = end
     return out
-
-
-def r3hf_rewards(scorer: SentenceScorer, sources: Sequence[str], texts: Sequence[str],
-                 offsets: Sequence[Sequence[tuple[int, int]]], references: Sequence[str | None] | None = None,
-                 level: str = "token") -> tuple[list[list[float]], list[float]]:
-    """One-shot :class:`Redistributor` call (no cache kept)."""
-    return Redistributor(scorer, level)(sources, texts, offsets, references)
-
-

@@ -144,35 +144,32 @@ def token_rewards(
     text: str,
     offsets: Sequence[tuple[int, int]],
     config: RewardConfig,
-    last_index: int | None = None,
     sentence_score: float | None = None,
 ) -> list[float]:
-    """Per-token rewards of one hypothesis under ``config.mode``.
+    """Per-token rewards of one hypothesis under ``config.mode``, before ``config.scale``.
 
-    ``token`` maps the spans and adds the detection's ``omission_penalty`` (content left out, which
-    has no span) to the final token; ``sentence`` puts ``detection.score`` on the final token (``last_index``, default
-    the last position of ``offsets``, which may be EOS; pass the last real token for
-    right-padded rows) and 0.0 elsewhere; ``hybrid`` adds ``hybrid_weight`` × that score to
-    the span rewards, or × ``sentence_score`` when given (another scorer's, e.g. chrF, which
-    carries what spans cannot: content left out).
+    ``offsets`` holds one interval per token; the last token (EOS when it was generated) is the final token.
+    ``token``: the spans' values on the tokens they cover (:func:`spans_to_token_rewards`) plus the detection's
+    ``omission_penalty`` (content left out, which has no span) on the final token; ``sentence``:
+    ``detection.score`` on the final token and 0.0 elsewhere; ``hybrid``: the span values plus ``hybrid_weight``
+    x ``sentence_score`` (another scorer's, e.g. chrF, which carries what spans cannot: content left out), or x
+    ``detection.score`` when it is None, on the final token. ``r3hf`` rewards need the scores of every prefix:
+    :class:`mtrl.rewards.redistribution.Redistributor` gives them.
     """
     n = len(offsets)
     if not n:
         return []
-    last = n - 1 if last_index is None else last_index
-    if not -n <= last < n:
-        raise IndexError(f"last_index {last} outside a sequence of {n} tokens")
     mode = config.mode
     if mode == "r3hf":
-        raise ValueError("r3hf rewards come from mtrl.redistribution (they need prefix scores)")
+        raise ValueError("r3hf rewards come from mtrl.rewards.redistribution (they need prefix scores)")
     if mode == "sentence":
         out = [0.0] * n
-        out[last] = float(detection.score)
+        out[-1] = float(detection.score)
         return out
     out = spans_to_token_rewards(text, offsets, detection.spans, config.severity(), config.token_rewards)
     if mode == "token":  # an omission has no span: it belongs to the decision to stop
-        out[last] += detection.omission_penalty
+        out[-1] += detection.omission_penalty
     if mode == "hybrid":
-        out[last] += config.hybrid_weight * float(detection.score if sentence_score is None else sentence_score)
+        out[-1] += config.hybrid_weight * float(detection.score if sentence_score is None else sentence_score)
     return out
 

@@ -1,20 +1,19 @@
-"""Warm start: a tiny Marian translation model trained from scratch with plain supervised learning.
+"""Build the shipped tiny Marian model (``mtrl:tiny-marian``, ``mtrl/data/tiny-marian/``) from scratch.
 
-This is the first stage of the offline quickstart. RL needs a policy that already translates
-reasonably, and no pretrained model can be downloaded offline, so we train one on the shipped
-Multi30k in a few CPU minutes:
+RL needs a policy that already translates reasonably, and no pretrained model can be downloaded
+without network, so mtrl ships a tiny English->German Marian model trained on the shipped Multi30k
+with plain supervised learning. This script is how it was built; from the repository root::
 
-1. train a shared en+de subword tokenizer (``tokenizers`` BPE, or Unigram, with Metaspace);
+    python tools/build_tiny_marian.py --output mtrl/data/tiny-marian
+
+1. train a shared en+de subword tokenizer (:func:`mtrl.testing.train_tokenizer`: BPE, or Unigram);
 2. build a small ``MarianMTModel`` from a ``MarianConfig`` (random init);
 3. train it with AdamW, warmup + decay, label smoothing, length-bucketed batches;
-4. save model + tokenizer into ``RUN_DIR/warmstart/`` atomically, with ``warmstart.json``.
+4. save model (fp16) + tokenizer into ``--output`` atomically, with ``build.json`` (the settings, the
+   training data's SHA-256, statistics, software versions and this command line).
 
-A rerun with the same settings and training data finds ``warmstart.json`` and skips the stage.
-
-The model the default settings give is also built once and shipped in the package, in fp16:
-``TINY_MARIAN`` (``mtrl/data/tiny-marian/``, see ``mtrl/data/README.md``). Rebuild it with
-``python -m mtrl.warmstart --output mtrl/data/tiny-marian``; ``python -m mtrl.warmstart --help``
-lists the options (one per ``WarmStartConfig`` field).
+``--help`` lists the options (one per :class:`TinyMarianConfig` field, plus ``--threads``); the
+defaults build the shipped model. ``tests/test_build_tiny_marian.py`` loads this file by path.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import random
@@ -34,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,26 +41,20 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
 from mtrl.datasets import load_parallel
 from mtrl.errors import MtrlError, exit_status
+from mtrl.testing import train_tokenizer
 
-logger = logging.getLogger(__name__)
-
-SETTINGS_FILE = "warmstart.json"
-CACHE_VERSION = 1  # bump when a code change makes older warm starts stale
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 (Marian convention: decoder starts with pad)
-# The shipped warm-start model: the default WarmStartConfig trained once, saved in fp16 (load it with
-# MarianMTModel.from_pretrained(TINY_MARIAN, dtype=torch.float32)); warmstart.json there has the rebuild command.
-TINY_MARIAN = Path(__file__).parent / "data" / "tiny-marian"
+SETTINGS_FILE = "build.json"
+PROG = "python tools/build_tiny_marian.py"
 
 
 @dataclass
-class WarmStartConfig:
-    """Everything that determines the warm-start model; it is also the cache key.
+class TinyMarianConfig:
+    """Everything that determines the model; the defaults build the shipped one.
 
     The defaults fit the quickstart's ~4 min CPU budget (2 cores). Measured on Multi30k test2016
     (greedy), a small model trained for more steps beat a bigger one trained for fewer: d_model 128
@@ -98,48 +90,26 @@ class WarmStartConfig:
     seed: int = 0
     max_minutes: float | None = None  # also stop after this much wall time (not reproducible)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> WarmStartConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise MtrlError(f"unknown warm-start option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**d)
-
     def check(self) -> None:
+        """A one-line :class:`MtrlError` naming the flag when a setting cannot train."""
         if self.tokenizer not in ("unigram", "bpe"):
-            raise MtrlError(f"warm start: tokenizer must be 'unigram' or 'bpe', got {self.tokenizer!r}")
+            raise MtrlError(f"--tokenizer must be 'unigram' or 'bpe', got {self.tokenizer!r}")
         if self.schedule not in ("linear", "inverse_sqrt"):
-            raise MtrlError(f"warm start: schedule must be 'linear' or 'inverse_sqrt', got {self.schedule!r}")
-        if self.d_model % self.heads:
-            raise MtrlError(f"warm start: d_model {self.d_model} is not divisible by heads {self.heads}")
+            raise MtrlError(f"--schedule must be 'linear' or 'inverse_sqrt', got {self.schedule!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise MtrlError("warm start: max_steps and batch_size must be >= 1, max_length >= 2")
-
-
-def warm_start(config: WarmStartConfig | Mapping[str, Any], run_dir: Path, progress: bool = True) -> Path:
-    """Train (or reuse) the warm-start model; returns ``run_dir/warmstart`` (model + tokenizer)."""
-    cfg = config if isinstance(config, WarmStartConfig) else WarmStartConfig.from_dict(config)
-    cfg.check()
-    out_dir = Path(run_dir) / "warmstart"
-    pairs = load_parallel(cfg.data, cfg.split, reverse=cfg.reverse, limit=cfg.limit)
-    if not pairs:
-        raise MtrlError(f"warm start: no training pairs in {cfg.data!r}")
-    key = {"version": CACHE_VERSION, "config": asdict(cfg), "data_sha256": fingerprint(pairs)}
-    if is_cached(out_dir, key):
-        logger.info("warm start: reusing %s (same settings and data)", out_dir)
-        return out_dir
-    if out_dir.exists():
-        logger.info("warm start: %s holds a model with other settings or data; retraining", out_dir)
-
-    model, tokenizer, stats = train_from_scratch(cfg, pairs, progress)
-    save_atomically(model, tokenizer, {**key, "stats": stats}, out_dir)
-    logger.info("warm start: saved %s (%s)", out_dir, stats)
-    return out_dir
+            raise MtrlError("--max-steps and --batch-size must be >= 1, --max-length >= 2")
+        if self.limit is not None and self.limit < 1:
+            raise MtrlError(f"--limit must be >= 1, got {self.limit}")
+        if self.vocab_size < 4:
+            raise MtrlError(f"--vocab-size must be >= 4, got {self.vocab_size}")
+        if min(self.d_model, self.heads, self.ffn_dim, self.encoder_layers, self.decoder_layers) < 1:
+            raise MtrlError("--d-model, --heads, --ffn-dim, --encoder-layers and --decoder-layers must be >= 1")
+        if self.d_model % self.heads:
+            raise MtrlError(f"--d-model {self.d_model} is not divisible by --heads {self.heads}")
 
 
 def train_from_scratch(
-    cfg: WarmStartConfig, pairs: list[tuple[str, str]], progress: bool = True
+    cfg: TinyMarianConfig, pairs: list[tuple[str, str]], progress: bool = True
 ) -> tuple[MarianMTModel, PreTrainedTokenizerFast, dict[str, Any]]:
     """Seed, train the tokenizer, build and train the model; returns (model, tokenizer, stats)."""
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -157,61 +127,15 @@ def train_from_scratch(
     return model, tokenizer, stats
 
 
-def is_cached(out_dir: Path, key: Mapping[str, Any]) -> bool:
-    """True when ``out_dir`` holds a complete warm start whose saved settings match ``key``."""
-    try:
-        saved = json.loads((out_dir / SETTINGS_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    complete = (out_dir / "config.json").is_file() and (out_dir / "tokenizer.json").is_file()
-    return complete and all(saved.get(k) == v for k, v in key.items())
-
-
 def fingerprint(pairs: list[tuple[str, str]]) -> str:
-    """SHA-256 of the training text, so an edited data file invalidates the cache too."""
+    """SHA-256 of the training text (recorded in ``build.json``)."""
     h = hashlib.sha256()
     for src, ref in pairs:
         h.update(f"{src}\t{ref}\n".encode())
     return h.hexdigest()
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe") -> PreTrainedTokenizerFast:
-    """One subword vocabulary for both languages, so Marian can share (tie) all embeddings.
-
-    BPE is the default because it is deterministic: the ``tokenizers`` Unigram trainer gives
-    slightly different scores and ids from run to run, so the model would not be reproducible.
-    """
-    specials = [PAD, EOS, UNK]
-    if kind == "unigram":
-        tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=False
-        )
-    else:
-        tok = Tokenizer(models.BPE(unk_token=UNK))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.normalizer = normalizers.NFKC()
-    # Split punctuation off words ("bushes." -> "▁bushes" "."), as SentencePiece does, so that a
-    # small vocabulary is not spent on word+punctuation pieces; the Metaspace decoder rejoins them.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainer)
-    eos_id = tok.token_to_id(EOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS}", pair=f"$A $B {EOS}", special_tokens=[(EOS, eos_id)]
-    )
-    # model_input_names: without it the tokenizer also returns token_type_ids, which Marian rejects.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        eos_token=EOS,
-        unk_token=UNK,
-        model_input_names=["input_ids", "attention_mask"],
-        model_max_length=512,
-    )
-
-
-def build_model(cfg: WarmStartConfig, vocab_size: int) -> MarianMTModel:
+def build_model(cfg: TinyMarianConfig, vocab_size: int) -> MarianMTModel:
     """A randomly initialised Marian transformer with shared (tied) embeddings."""
     config = MarianConfig(
         vocab_size=vocab_size,
@@ -248,7 +172,7 @@ def build_model(cfg: WarmStartConfig, vocab_size: int) -> MarianMTModel:
 
 
 def train(
-    model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]], cfg: WarmStartConfig,
+    model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]], cfg: TinyMarianConfig,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Supervised cross-entropy training for ``cfg.max_steps`` steps (or ``cfg.max_minutes``)."""
@@ -270,7 +194,7 @@ def train(
     model.train()
     start = time.perf_counter()
     tokens, loss_ema, step = 0, None, 0
-    bar = tqdm(total=cfg.max_steps, desc="warm start", unit="step", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=cfg.max_steps, desc="tiny marian", unit="step", dynamic_ncols=True, disable=not progress)
     for step in range(1, cfg.max_steps + 1):
         input_ids, attention_mask, decoder_input_ids, labels = collate([examples[i] for i in next(batches)])
         logits = model(
@@ -291,7 +215,7 @@ def train(
         bar.update()
         bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens / elapsed:.0f}", refresh=False)
         if cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes:
-            logger.info("warm start: time budget of %s min reached at step %d", cfg.max_minutes, step)
+            print(f"{PROG}: time budget of {cfg.max_minutes} min reached at step {step}", file=sys.stderr)
             break
     bar.close()
     model.eval()
@@ -299,7 +223,7 @@ def train(
             "tokens_per_second": round(tokens / elapsed)}
 
 
-def lr_lambda(cfg: WarmStartConfig):
+def lr_lambda(cfg: TinyMarianConfig):
     """Multiplier on ``cfg.lr``: linear warmup, then linear decay to 0 or inverse-sqrt decay."""
     warmup = max(1, cfg.warmup_steps)
 
@@ -341,20 +265,11 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return src, (src != 0).long(), decoder_input_ids, tgt
 
 
-def save_atomically(
-    model: MarianMTModel,
-    tokenizer: PreTrainedTokenizerFast,
-    settings: dict,
-    out_dir: Path,
-    half: bool = False,
-) -> None:
-    """Write into a temp dir next to ``out_dir`` and rename it into place, so a crash never
-    leaves a half-written model that a rerun would take for a finished one.
-
-    ``half=True`` saves an fp16 copy of the weights (half the size; ``model`` itself is unchanged).
-    """
-    if half:
-        model = copy.deepcopy(model).half()
+def save_atomically(model: MarianMTModel, tokenizer: PreTrainedTokenizerFast, settings: dict, out_dir: Path) -> None:
+    """Write an fp16 copy of ``model`` (half the size; ``model`` itself is unchanged), the tokenizer and
+    ``settings`` into a temp dir next to ``out_dir`` and rename it into place, so a crash never leaves a
+    half-written model that would pass for a finished one."""
+    model = copy.deepcopy(model).half()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -378,7 +293,32 @@ def save_atomically(
         raise
 
 
-# --- command line: build a warm-start model directory (the shipped TINY_MARIAN) --------------------
+def build(cfg: TinyMarianConfig, out_dir: Path, command: str, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` and write ``out_dir`` (fp16 weights, tokenizer, build.json); returns the settings."""
+    cfg.check()
+    out_dir = Path(out_dir)
+    # save_atomically replaces out_dir: never do that to something that is not an earlier build
+    earlier = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / SETTINGS_FILE).is_file())
+    if out_dir.exists() and not earlier:
+        raise MtrlError(f"--output {out_dir} exists and is not an (empty or earlier) build directory")
+    pairs = load_parallel(cfg.data, cfg.split, reverse=cfg.reverse, limit=cfg.limit)
+    if not pairs:
+        raise MtrlError(f"--data {cfg.data!r}: no training pairs")
+    model, tokenizer, stats = train_from_scratch(cfg, pairs, progress)
+    settings = {
+        "config": asdict(cfg),
+        "data_sha256": fingerprint(pairs),
+        "stats": {**stats, "threads": torch.get_num_threads()},
+        "dtype": "fp16",
+        "command": command,
+        "software": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+    }
+    save_atomically(model, tokenizer, settings, out_dir)
+    return settings
+
+
+# --- command line ----------------------------------------------------------------------------------
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -392,20 +332,18 @@ _ARG_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
-        prog="python -m mtrl.warmstart",
-        description="Train a warm-start Marian model from scratch (mtrl.warmstart.WarmStartConfig) and save "
-        "it in fp16 with its tokenizer and warmstart.json (settings, stats, the command that rebuilds it). "
-        "The defaults build the shipped model: python -m mtrl.warmstart --output mtrl/data/tiny-marian",
+        prog=PROG,
+        description="Train a tiny Marian model from scratch and save it in fp16 with its tokenizer and "
+        "build.json (settings, stats, the command that rebuilds it). The defaults build the shipped "
+        f"model: {PROG} --output mtrl/data/tiny-marian",
     )
     parser.add_argument("--output", required=True, type=Path,
-                        help="directory to write (replaced atomically if it holds an earlier warm start)")
+                        help="directory to write (replaced atomically if it holds an earlier build)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice; results may depend on it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    group = parser.add_argument_group(
-        "training settings (WarmStartConfig fields; the defaults build the shipped model)"
-    )
-    for f in dataclasses.fields(WarmStartConfig):
+    group = parser.add_argument_group("training settings (the defaults build the shipped model)")
+    for f in dataclasses.fields(TinyMarianConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             group.add_argument(flag, action="store_true", default=None, help=f"(default: {f.default})")
@@ -420,47 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> WarmStartConfig:
-    names = [f.name for f in dataclasses.fields(WarmStartConfig)]
+def config_from_args(args: argparse.Namespace) -> TinyMarianConfig:
+    names = [f.name for f in dataclasses.fields(TinyMarianConfig)]
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if "split" in options:
         options["split"] = None if options["split"].lower() == "none" else options["split"]
     elif "data" in options and options["data"] != "multi30k":
         options["split"] = None
-    cfg = WarmStartConfig(**options)
+    cfg = TinyMarianConfig(**options)
     cfg.check()
-    if cfg.limit is not None and cfg.limit < 1:
-        raise MtrlError(f"--limit must be >= 1, got {cfg.limit}")
-    if cfg.vocab_size < 4:
-        raise MtrlError(f"--vocab-size must be >= 4, got {cfg.vocab_size}")
-    if min(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.encoder_layers, cfg.decoder_layers) < 1:
-        raise MtrlError("--d-model, --heads, --ffn-dim, --encoder-layers and --decoder-layers must be >= 1")
     return cfg
-
-
-def build(cfg: WarmStartConfig, out_dir: Path, command: str, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` and write ``out_dir`` (fp16 weights, tokenizer, warmstart.json); returns the settings."""
-    out_dir = Path(out_dir)
-    # save_atomically replaces out_dir: never do that to something that is not an earlier build
-    earlier = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / SETTINGS_FILE).is_file())
-    if out_dir.exists() and not earlier:
-        raise MtrlError(f"--output {out_dir} exists and is not an (empty or earlier) warm-start directory")
-    pairs = load_parallel(cfg.data, cfg.split, reverse=cfg.reverse, limit=cfg.limit)
-    if not pairs:
-        raise MtrlError(f"warm start: no training pairs in {cfg.data!r}")
-    model, tokenizer, stats = train_from_scratch(cfg, pairs, progress)
-    settings = {
-        "version": CACHE_VERSION,
-        "config": asdict(cfg),
-        "data_sha256": fingerprint(pairs),
-        "stats": {**stats, "threads": torch.get_num_threads()},
-        "dtype": "float16",
-        "command": command,
-        "software": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-    }
-    save_atomically(model, tokenizer, settings, out_dir, half=True)
-    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,7 +383,7 @@ def build_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         if args.threads < 1:
             raise MtrlError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "-m", "mtrl.warmstart", *argv])
+    command = shlex.join([*PROG.split(), *argv])
     stats = build(cfg, args.output, command, progress=not args.quiet)["stats"]
     print(f"mtrl: wrote {args.output} ({stats['parameters']:,} parameters, {stats['steps']} steps, "
           f"final loss {stats['final_loss']}, {stats['seconds']} s)", file=sys.stderr)
