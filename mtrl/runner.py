@@ -100,8 +100,7 @@ def build_detector(cfg: Any) -> Any:
     """The detector, with its model loaded now: a missing xCOMET checkpoint must not wait for the first
     ``detect`` call, minutes into the "before" evaluation."""
     detector = cfg.build()
-    if callable(getattr(detector, "load", None)):
-        detector.load()
+    detector.load()
     return detector
 
 

@@ -38,3 +38,8 @@ class Detector(ABC):
         references: Sequence[str | None] | None = None,
     ) -> list[Detection]:
         """One :class:`Detection` per hypothesis, in input order."""
+
+    def load(self) -> object:
+        """Load the detector's model now, so that a missing checkpoint fails before the run starts; a detector
+        without a model has nothing to load."""
+        return None
