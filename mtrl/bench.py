@@ -43,7 +43,7 @@ import pandas as pd
 import yaml
 
 from mtrl.errors import MtrlError
-from mtrl.io import atomic_open
+from mtrl.io import atomic_open, writing
 from mtrl.recipe import Recipe, dump_recipe, load_recipe, yaml_error
 from mtrl.stability import EDGE_ROWS, SMOOTH_WINDOW, load_eval_curve, load_metrics, seed_band, smooth
 
@@ -183,7 +183,8 @@ def run_bench(path: str | Path, quiet: bool = False) -> Path:
     from mtrl.runner import run
 
     bench = load_bench(path)
-    bench.output.mkdir(parents=True, exist_ok=True)
+    with writing(bench.output):
+        bench.output.mkdir(parents=True, exist_ok=True)
     evaluation = dict(bench.evaluation)
     comet_skipped = comet_unavailable(evaluation["comet"])
     if comet_skipped and evaluation["comet"]:
@@ -331,12 +332,13 @@ def write_report(bench: Bench, bench_path: Path, comet_skipped: str | None = Non
         plot_reward_changes(online, {s: d for s, d in dirs.items() if d}, out / "reward_curves.png")
         plot_kl_entropy(online, out / "kl_entropy.png")
     recipes = out / "recipes"
-    recipes.mkdir(exist_ok=True)
     for scheme in bench.schemes:
         for seed in bench.seeds:
             src = cell_dir(bench, scheme, seed) / "recipe.yaml"
             if src.exists():
-                shutil.copyfile(src, recipes / f"{scheme}-seed-{seed}.yaml")
+                data = src.read_bytes()
+                with atomic_open(recipes / f"{scheme}-seed-{seed}.yaml", "wb") as f:
+                    f.write(data)
     with atomic_open(out / "command.txt") as f:
         f.write(f"mtrl bench {bench_path}\n")
     print(table.rename(columns=labels).to_markdown(index=False))
@@ -436,6 +438,6 @@ def plot_reward_changes(online: dict[str, list[Path]], runs: dict[str, list[Path
     fig.suptitle(f"Training reward: change from its start (mean ± std over seeds, moving average {window})",
                  fontsize=11)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=120)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     return out

@@ -7,6 +7,14 @@ class MtrlError(Exception):
     """A mistake in the user's input or setup (bad file, bad option, missing model)."""
 
 
+class DetectorOutOfMemory(MtrlError):
+    """The detector ran out of memory even on a single row, after its batch was retried in halves.
+
+    Raised by :class:`mtrl.rewards.Rewarder` (training, ``mtrl score``, ``mtrl label``); a trainer saves a
+    checkpoint before it stops.
+    """
+
+
 def one_line(error: BaseException | str, limit: int = 200) -> str:
     """The first sentence of a library's error message, whole, for an ``MtrlError`` of one line.
 

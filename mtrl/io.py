@@ -10,13 +10,15 @@ import contextlib
 import gzip
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtrl.errors import MtrlError
+from mtrl.errors import MtrlError, one_line
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -86,7 +88,7 @@ def numbered_log(path: str | Path, repair: bool = False) -> list[tuple[int, dict
             print(f"mtrl: warning: {path}: line {n} is incomplete (an interrupted write?); reading the "
                   f"{n - 1} lines before it", file=sys.stderr)
         if repair:
-            with open(path, "r+b") as f:
+            with writing(path), open(path, "r+b") as f:
                 if complete:
                     f.seek(len(data))
                     f.write(b"\n")
@@ -107,28 +109,121 @@ def _read_bytes(path: str | Path) -> bytes:
     return gzip.decompress(data) if p.suffix == ".gz" else data
 
 
+# --------------------------------------------------------------------------- writing
+# "... (os error 28)": how Rust libraries (safetensors, tokenizers) report an I/O error, without an errno attribute
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_errno(error: BaseException) -> int | None:
+    """The errno behind ``error``: an ``OSError``'s, or one a Rust library names in its message, or its cause's."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        m = _OS_ERROR.search(str(e))
+        if m:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(path: str | Path, error: BaseException) -> MtrlError | None:
+    """The one line for a failed write of ``path`` (a full disk, a quota, a read-only file system ...):
+    ``cannot write PATH: No space left on device``. None when ``error`` is not an I/O error (a bug: let it show)."""
+    if isinstance(error, MtrlError):
+        return error
+    n = os_errno(error)
+    if n is not None:
+        return MtrlError(f"cannot write {path}: {os.strerror(n)}")
+    if isinstance(error, OSError):
+        return MtrlError(f"cannot write {path}: {one_line(error)}")
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Writes to ``path`` in this block that fail become one :class:`MtrlError` line naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        err = write_error(path, e)
+        if err is None or err is e:
+            raise
+        raise err from e
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Write to a temporary file next to ``path`` and rename it into place on success.
 
-    A crash or Ctrl-C leaves the old file (or none), never a half-written one.
+    A crash or Ctrl-C leaves the old file (or none), never a half-written one. Any failure removes the
+    temporary file; a failed write (a full disk: any ``OSError`` in the block too) is one :class:`MtrlError`
+    line naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+    tmp = None
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path]:
+    """Fill a temporary directory (``tmp``, default ``.NAME.tmp`` next to ``path``), then rename it to ``path``
+    (replacing what was there). Any failure removes the temporary directory, so nothing half-written is
+    left; a failed write (an ``OSError``, or a library's error naming an os error) is one :class:`MtrlError`
+    line naming ``path``."""
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp")
+    try:
+        with writing(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            yield tmp
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` (whole lines) to an append-only log (``metrics.jsonl``, a labelling ``.partial``).
+
+    A failed write (a full disk) cuts the file back to its length before, so that it holds whole lines only
+    (and can be resumed from), and is one :class:`MtrlError` line naming ``path``.
+    """
+    data = text.encode("utf-8")
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

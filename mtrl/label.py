@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mtrl.errors import MtrlError
-from mtrl.io import atomic_open, read_jsonl, read_log, write_jsonl
+from mtrl.io import append_text, atomic_open, read_jsonl, read_log, write_jsonl, writing
 from mtrl.rewards import Rewarder, hypothesis_intervals
 from mtrl.score import score
 
@@ -88,11 +88,8 @@ def sample_rows(load_policy: Callable[[], Any], pairs: Sequence[tuple[str, str]]
 
         policy = load_policy()
         gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-        if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            if not _log_lines(Path(cache)):  # absent or empty: start it with the settings line
-                with open(cache, "w", encoding="utf-8") as f:
-                    f.write(json.dumps({"settings": settings}, ensure_ascii=False) + "\n")
+        if cache is not None and not _log_lines(Path(cache)):  # absent or empty: start it with the settings line
+            write_jsonl(cache, [{"settings": settings}])
         for c in tqdm(todo, desc="sample", disable=not progress, leave=False):
             chunk = chunks[c]
             torch.manual_seed(chunk_seed(seed, c))
@@ -102,9 +99,8 @@ def sample_rows(load_policy: Callable[[], Any], pairs: Sequence[tuple[str, str]]
             texts, _ = hypothesis_intervals(policy.tokenizer, ids)
             new = [{"source_index": i, "src": s, "mt": t, "ref": r, "sample": k, "token_ids": x, "chunk": c,
                     "chunk_rows": len(chunk)} for (i, s, r, k), t, x in zip(chunk, texts, ids)]
-            if cache is not None:  # each line complete: a crash loses at most this chunk
-                with open(cache, "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in new))
+            if cache is not None:  # each line complete: a crash (or a full disk) loses at most this chunk
+                append_text(cache, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in new))
             rows.update(((x["source_index"], x["sample"]), x) for x in new)
     return [{"src": row["src"], "mt": row["mt"], "ref": row["ref"], "sample": k, "token_ids": row["token_ids"]}
             for i, _, _, k in expanded for row in [rows[(i, k)]]]
@@ -166,7 +162,8 @@ def label(rows: list[dict[str, Any]], output: str | Path, rewarder: Rewarder, *,
     """Label ``rows`` into ``output`` with the reward pipeline; returns counts (labelled, reused, duplicates,
     rejected). Rows that carry ``token_ids`` (sampled) are rewarded on those ids."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with writing(output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     done: dict[Key, dict[str, Any]] = {}
     finished = read_jsonl(output) if output.exists() else []
@@ -195,8 +192,8 @@ def label(rows: list[dict[str, Any]], output: str | Path, rewarder: Rewarder, *,
             segs = score([r["mt"] for r in chunk], [r.get("src") or "" for r in chunk],
                          None if all(x is None for x in refs) else refs, rewarder=rewarder, token_ids=ids)
             labelled = [{**r, **s.to_dict()} for r, s in zip(chunk, segs)]
-            with open(partial, "a", encoding="utf-8") as f:  # each line complete: a crash loses at most a chunk
-                f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in labelled))
+            # each line complete: a crash (or a full disk: one error line, the file cut back) loses at most a chunk
+            append_text(partial, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in labelled))
             for x in labelled:
                 done.setdefault(_key(x), x)
             bar.update(len(chunk))

@@ -136,6 +136,7 @@ class Policy(nn.Module):
         self.cfg = cfg or PolicyConfig(model="")
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
         self.value_head: nn.Linear | None = None
+        self.truncated_sources = 0  # sources cut to source_limit by encode_sources, since the policy was built
         self.forced_bos_token_id = None
         if self.cfg.tgt_lang_code:
             if hasattr(tokenizer, "get_lang_id"):  # M2M100
@@ -169,16 +170,41 @@ class Policy(nn.Module):
                                                       add_generation_prompt=True)
         return user
 
-    def encode_sources(self, sources: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position table holds (a seq2seq model's source, or its target; a
+        causal model's prompt and response together); None for relative positions (T5), which have no limit."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(config, "max_position_embeddings", None)
+
+    @property
+    def source_limit(self) -> int:
+        """Source (or prompt) tokens kept: ``policy.max_source_tokens``, and no more than the positions."""
+        return min(self.cfg.max_source_tokens, self.max_positions or self.cfg.max_source_tokens)
+
+    def _source_texts(self, sources: Sequence[str]) -> tuple[list[str], bool]:
+        """What the tokenizer reads for each source, and whether it adds its special tokens."""
         if self.kind == "seq2seq":
-            enc = tok([self.cfg.source_prefix + s for s in sources], padding=True, truncation=True,
-                      max_length=self.cfg.max_source_tokens, return_tensors="pt")
-        else:
-            texts = [self.prompt_text(s) for s in sources]
-            templated = self.cfg.chat_template == "auto" and getattr(tok, "chat_template", None)
-            enc = tok(texts, padding=True, truncation=True, max_length=self.cfg.max_source_tokens,
-                      return_tensors="pt", add_special_tokens=not templated)
+            return [self.cfg.source_prefix + s for s in sources], True
+        templated = self.cfg.chat_template == "auto" and getattr(self.tokenizer, "chat_template", None)
+        return [self.prompt_text(s) for s in sources], not templated
+
+    def source_lengths(self, sources: Sequence[str]) -> list[int]:
+        """Each source's (or prompt's) length in tokens, before any cut."""
+        texts, special = self._source_texts(sources)
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+    def encode_sources(self, sources: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of the sources (causal: their prompts), padded, each cut to :attr:`source_limit`;
+        ``truncated_sources`` counts the cut ones (the runner logs it)."""
+        texts, special = self._source_texts(sources)
+        limit = self.source_limit
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt",
+                             add_special_tokens=special)
+        full = [i for i, n in enumerate(enc["attention_mask"].sum(1).tolist()) if n >= limit]
+        if full:  # only rows that reach the limit can have been cut
+            self.truncated_sources += sum(n > limit for n in self.source_lengths([sources[i] for i in full]))
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     # ------------------------------------------------------------------ sampling

@@ -25,7 +25,9 @@ On ``--resume`` the recipe is compared with the saved ``recipe.yaml``. Only the 
 where it logs to, the CPU threads; not what a step computes. They are ``train.steps`` (extend or
 shorten a run, not below the checkpoint's step; with a non-constant ``algorithm.lr_schedule`` the
 rest of the schedule is stretched to the new total), ``train.save_every``, ``train.log_every``,
-``train.eval_every``, ``train.report_to`` and ``train.threads``. ``run_dir`` is not compared (a run directory may be moved). Any other change
+``train.eval_every``, ``train.report_to``, ``train.threads``, ``reward.cache_size`` and the detector's batching
+(``detector.batch_size``, ``detector.max_tokens``: lowered after it ran out of memory; in fp32 the scores
+do not depend on the batch). ``run_dir`` is not compared (a run directory may be moved). Any other change
 is refused with one line naming the keys and their saved and new values: the restored optimiser
 and state were made with the saved ones. Allowed changes are appended to ``run_dir/changes.jsonl``
 as ``{"step": <the step resumed from>, "changes": {"train.steps": [old, new]}}`` before
@@ -47,6 +49,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,18 +60,20 @@ import torch
 import yaml
 
 from mtrl.errors import MtrlError, one_line
-from mtrl.io import atomic_open, read_log
+from mtrl.io import append_text, atomic_dir, atomic_open, read_log
 from mtrl.recipe import Recipe, dump_recipe, recipe_from_dict
 
 # What a run writes in its run directory; ``--overwrite`` moves these aside.
 OUTPUTS = ("checkpoints", "final", "tensorboard", "offline", "grpo", "metrics.jsonl", "eval.json",
            "recipe.yaml", "changes.jsonl")
+LOCK = ".lock"  # see RunDirLock
 PREVIOUS = ".previous-run"  # the outputs an --overwrite is replacing, until the new run finishes
 
 # Recipe keys that ``--resume`` may change (see the module docstring): none changes what a step computes
 # (train.steps: the length of a non-constant LR schedule).
 RESUME_MAY_CHANGE = frozenset({"train.steps", "train.save_every", "train.log_every", "train.eval_every",
-                               "train.report_to", "train.threads"})
+                               "train.report_to", "train.threads", "reward.cache_size", "detector.batch_size",
+                               "detector.max_tokens"})
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -93,24 +98,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, flushed to disk: a full disk is then an ``OSError`` (errno 28), not
+    torch's ``RuntimeError: unexpected pos`` of a path it writes itself."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, policy: Any, algorithm_state: dict, keep: int = 2,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write ``checkpoints/step-N`` via a temporary directory and a rename; point ``latest`` at it.
 
     ``extra`` goes into ``trainer_state.pt`` too (the runner keeps the wall time so far there).
+    A failed write (a full disk) removes the temporary directory and is one :class:`MtrlError` line naming
+    the checkpoint and the one kept from before (resume from it).
     """
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, tmp / "policy.pt")
-    torch.save({"algorithm": algorithm_state, "rng": rng_state(), "step": step, **(extra or {})},
-               tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with atomic_open(ckpt_root / "latest") as f:
-        f.write(final.name + "\n")
+    try:
+        with atomic_dir(final, ckpt_root / f".step-{step:06d}.tmp") as tmp:
+            save_torch({k: v.detach().cpu() for k, v in policy.state_dict().items()}, tmp / "policy.pt")
+            save_torch({"algorithm": algorithm_state, "rng": rng_state(), "step": step, **(extra or {})},
+                       tmp / "trainer_state.pt")
+        with atomic_open(ckpt_root / "latest") as f:
+            f.write(final.name + "\n")
+    except MtrlError as e:
+        kept = latest_checkpoint(run_dir)
+        if kept is None:
+            raise
+        raise MtrlError(f"{e}; the run can continue from {kept} (mtrl train {run_dir}/recipe.yaml --resume)") from e
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -253,8 +271,7 @@ def resume_changes(recipe: Recipe, run_dir: Path, step: int) -> dict[str, list[A
 def write_recipe(run_dir: Path, recipe: Recipe, step: int, changes: dict[str, list[Any]], log: Any) -> None:
     """Record allowed resume changes (``changes.jsonl``, with the step they take effect), then the recipe."""
     if changes:
-        with open(run_dir / "changes.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "changes": changes}) + "\n")
+        append_text(run_dir / "changes.jsonl", json.dumps({"step": step, "changes": changes}) + "\n")
         log("mtrl: changed on resume at step " + str(step) + ": "
             + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             + f" (recorded in {run_dir / 'changes.jsonl'})")
@@ -304,8 +321,7 @@ class MetricsLogger:
             self.wandb = wandb.init(project="mtrl", dir=str(run_dir), config=recipe.to_dict(), resume="allow")
 
     def log(self, metrics: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_text(self.path, json.dumps(metrics) + "\n")
         step = metrics["step"]
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and k != "step":
@@ -437,3 +453,44 @@ class RunDirGuard:
 
     def finished(self) -> None:
         shutil.rmtree(self.previous, ignore_errors=True)
+
+
+class RunDirLock:
+    """Held by the main process for the length of a run, so that a second run into the same directory refuses
+    at once and names the holder.
+
+    ``fcntl.flock`` on ``RUN_DIR/.lock``: the kernel releases it when the holder's process ends in any way
+    (kill -9 included), so a lock left by a dead run never blocks. The file stays (unlinking a locked file
+    would let two runs lock two different files of one name); its text names the last holder.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self.file: Any = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise MtrlError(f"run_dir {self.path.parent} is a file, not a directory")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise MtrlError(f"{self.path.parent} is in use by another mtrl run ({holder}); wait for it to end, "
+                            "or use another run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the lock
+            self.file = None

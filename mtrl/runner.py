@@ -25,9 +25,7 @@ The run directory itself (what may be created, overwritten, resumed, and when) i
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,9 +47,9 @@ from mtrl.algorithms import (
     build_offline,
     build_online,
 )
-from mtrl.algorithms.offline_data import offline_rows
+from mtrl.algorithms.offline_data import check_lengths, offline_rows
 from mtrl.datasets import batch_indices, load_pairs
-from mtrl.errors import MtrlError, one_line
+from mtrl.errors import DetectorOutOfMemory, MtrlError, one_line
 from mtrl.evaluate import comet_scores, score_translations, translate
 from mtrl.io import write_json
 from mtrl.policy import Policy, build_policy
@@ -61,6 +59,7 @@ from mtrl.rundir import (
     Checkpoint,
     MetricsLogger,
     RunDirGuard,
+    RunDirLock,
     StopFlag,
     apply_checkpoint,
     check_report_to,
@@ -195,8 +194,10 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
                               mixed_precision=recipe.train.mixed_precision)
     main = accelerator.is_main_process
     quiet = quiet or not main
-    guard, r = RunDirGuard(Path(recipe.run_dir)), None
+    guard, lock, r = RunDirGuard(Path(recipe.run_dir)), RunDirLock(Path(recipe.run_dir)), None
     try:
+        if main:  # before anything else: a second run into this directory refuses at once
+            lock.acquire()
         r = setup(recipe, accelerator, guard, resume, quiet, overwrite, t_start)
         results = r.prior.results
         if r.eval_pairs and "before" not in results:
@@ -210,6 +211,8 @@ def run(recipe: Recipe, resume: bool = False, quiet: bool = False, overwrite: bo
         if main:
             guard.failed(resumed=r is not None and r.prior.checkpoint is not None)
         raise
+    finally:
+        lock.release()
     if main:
         guard.finished()
     return results
@@ -242,6 +245,8 @@ def setup(recipe: Recipe, accelerator: Any, guard: RunDirGuard, resume: bool, qu
     # the algorithm owns its optimiser, reference model and value head, if any (GRPO refuses seq2seq here)
     build = build_offline if recipe.algorithm.name in OFFLINE else build_online
     algorithm = build(recipe.algorithm, policy, rewarder, recipe.generation, accelerator, recipe.train.steps)
+    if recipe.algorithm.name in OFFLINE:
+        check_lengths(recipe.offline, policy)
     if n_proc > 1:  # each process samples from its own stream
         seed_everything(process_seed(recipe.seed, rank))
     prior = read_prior(recipe, run_dir, "cpu", quiet) if resume else Prior()
@@ -268,11 +273,17 @@ def evaluate(r: Run, translate_fn: Callable[[Sequence[str]], list[str]], comet: 
     rng = rng_state()  # evaluation must not shift the sampling RNG
     mine = list(range(rank, len(pairs), n_proc))
     src, ref = [pairs[i][0] for i in mine], [pairs[i][1] for i in mine]
+    cut_before = r.policy.truncated_sources
     hyps = translate_fn(src)
-    hyps_all, dets_all = [""] * len(pairs), [None] * len(pairs)
-    for idx, hs, ds in gather_object([(mine, hyps, detect(src, hyps, ref))]):
+    cut = r.policy.truncated_sources - cut_before
+    hyps_all, dets_all, n_cut = [""] * len(pairs), [None] * len(pairs), 0
+    for idx, hs, ds, c in gather_object([(mine, hyps, detect(src, hyps, ref), cut)]):
+        n_cut += c
         for i, h, d in zip(idx, hs, ds, strict=True):
             hyps_all[i], dets_all[i] = h, d
+    if n_cut:
+        r.log(f"mtrl: {n_cut} of {len(pairs)} eval sources are longer than {r.policy.source_limit} tokens "
+              "(policy.max_source_tokens, or the model's positions) and were cut")
     sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
     out = score_translations(sources, hyps_all, refs, dets_all)
     if r.recipe.evaluation.comet and comet and r.main:
@@ -371,14 +382,14 @@ def check_in_sync(policy: Any, accelerator: Any) -> None:
 
 def reduce_metrics(metrics: dict[str, Any], accelerator: Any) -> dict[str, Any]:
     """A step's metrics over the global batch: the mean over processes (equal shares), except counts and
-    throughput (``spans_*``, ``tokens_per_s``), which add up."""
+    throughput (``spans_*``, ``sources_truncated``, ``tokens_per_s``), which add up."""
     if accelerator is None or accelerator.num_processes == 1:
         return metrics
     keys = sorted(k for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step")
     summed = accelerator.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
                                              device=accelerator.device), "sum").cpu().tolist()
-    adds = lambda k: k.startswith("spans_") or k == "tokens_per_s"  # noqa: E731
+    adds = lambda k: k.startswith("spans_") or k in ("tokens_per_s", "sources_truncated")  # noqa: E731
     return {**metrics, **{k: v if adds(k) else v / accelerator.num_processes for k, v in zip(keys, summed)}}
 
 
@@ -401,16 +412,33 @@ def train_loop(algo: Any, recipe: Recipe, train_pairs: Sequence[Pair], start_ste
     step = start_step
     bar = tqdm(total=t.steps, initial=start_step, desc=f"{recipe.algorithm.name} ({recipe.reward.mode} rewards)",
                disable=quiet, dynamic_ncols=True)
+    cut_total = 0  # training sources cut so far (all processes)
     with StopFlag() as stop:
         stopped = False
         while step < t.steps and not stopped:
             idx = batch_indices(len(train_pairs), batch * n_proc, step, recipe.seed)[rank * batch:(rank + 1) * batch]
-            metrics = algo.step([train_pairs[i][0] for i in idx], [train_pairs[i][1] for i in idx])
+            cut, rng_before = algo.policy.truncated_sources, rng_state()
+            try:
+                metrics = algo.step([train_pairs[i][0] for i in idx], [train_pairs[i][1] for i in idx])
+            except DetectorOutOfMemory as e:  # even in halves: keep what is done, say how to go on
+                if main and n_proc == 1 and step > start_step and step % t.save_every:
+                    set_rng_state(rng_before)  # the failed step's samples are drawn again on --resume
+                    save_checkpoint(run_dir, step, algo.policy, algo.state_dict(),
+                                    extra={"wall_time_s": elapsed()} if elapsed else {})
+                if step == 0 or (n_proc > 1 and step % t.save_every):
+                    raise
+                raise MtrlError(f"{e}; the run is saved at step {step}: then continue it with "
+                                f"mtrl train {run_dir}/recipe.yaml --resume") from None
             step += 1
-            metrics = {"step": step, **metrics,
+            metrics = {"step": step, **metrics, "sources_truncated": algo.policy.truncated_sources - cut,
                        "score_cache_hit_rate": rewarder.hits / max(1, rewarder.hits + rewarder.misses)}
             metrics = reduce_metrics(metrics, accelerator)
             metrics["distinct_sources"] = len(set(gather_object(idx) if n_proc > 1 else idx))
+            cut_total += metrics["sources_truncated"]
+            if metrics["sources_truncated"] and cut_total == metrics["sources_truncated"] and not quiet:
+                tqdm.write(f"mtrl: some training sources are longer than {algo.policy.source_limit} tokens "
+                           "(policy.max_source_tokens, or the model's positions) and are cut; metrics.jsonl counts "
+                           "them per step (sources_truncated)", file=sys.stderr)
             stopped = stopping(stop, accelerator)
             if step % t.log_every == 0 or step == t.steps:
                 logger.log(metrics)
@@ -444,18 +472,28 @@ def stopping(stop: StopFlag, accelerator: Any) -> bool:
 
 def save_final(policy: Any, run_dir: Path, models: dict[str, Any] | None = None) -> Path:
     """``final/``: the model and tokenizer (save_pretrained), the value head when there is one, and each of
-    ``models`` in its own folder (Q-SFT's ``behaviour/``)."""
-    final, tmp = run_dir / "final", run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.model.save_pretrained(tmp)
-    policy.tokenizer.save_pretrained(tmp)
-    if policy.value_head is not None:
-        torch.save(policy.value_head.state_dict(), tmp / "value_head.pt")
-    for name, model in (models or {}).items():
-        model.save_pretrained(tmp / name)
-        policy.tokenizer.save_pretrained(tmp / name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    ``models`` in its own folder (Q-SFT's ``behaviour/``).
+
+    Written into ``.final.tmp`` and renamed: a failure removes it; a failed write (a full disk) is one line
+    naming ``final/`` and the checkpoint to resume from."""
+    from mtrl.io import atomic_dir
+    from mtrl.rundir import latest_checkpoint, save_torch
+
+    final = run_dir / "final"
+    try:
+        with atomic_dir(final, run_dir / ".final.tmp") as tmp:
+            policy.model.save_pretrained(tmp)
+            policy.tokenizer.save_pretrained(tmp)
+            if policy.value_head is not None:
+                save_torch(policy.value_head.state_dict(), tmp / "value_head.pt")
+            for name, model in (models or {}).items():
+                model.save_pretrained(tmp / name)
+                policy.tokenizer.save_pretrained(tmp / name)
+    except MtrlError as e:
+        kept = latest_checkpoint(run_dir)
+        if kept is None:
+            raise
+        raise MtrlError(f"{e}; the run can continue from {kept} (mtrl train {run_dir}/recipe.yaml --resume)") from e
     return final
 
 

@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 
 from mtrl.errors import MtrlError
-from mtrl.io import numbered_log
+from mtrl.io import atomic_open, numbered_log
 
 # --------------------------------------------------------------------------- thresholds
 EDGE_ROWS = 10  # rows averaged for "initial" / "final" values (at most a fifth of the run)
@@ -398,9 +398,10 @@ def _draw(ax: Any, runs: Mapping[str, list[str | Path]], column: str, window: in
 
 
 def _save(fig: Any, out: str | Path) -> Path:
+    """The figure as a PNG, written atomically (a failed write: one error line, no partial file)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=120)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     return out
 
 

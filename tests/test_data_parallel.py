@@ -84,6 +84,15 @@ def test_kill_and_resume_under_two_processes(tmp_path: Path) -> None:
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "final" / "config.json").is_file()
+    # the same two-process run, never interrupted: the resumed run reproduces it, step by step and after
+    whole = tmp_path / "whole"
+    out = subprocess.run(torchrun("train", *ARGS, f"run_dir={whole}", "train.steps=6", "train.save_every=1"),
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    same = ("reward_mean", "kl", "sentence_score_mean", "policy_loss", "distinct_sources")
+    assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in metrics(whole)]
+    after = [json.loads((d / "eval.json").read_text())["after"] for d in (run_dir, whole)]
+    assert after[0]["chrf"]["score"] == after[1]["chrf"]["score"] and after[0]["detector_score"] == after[1]["detector_score"]
 
 
 CHECK_SYNC = """
@@ -128,3 +137,46 @@ def test_sharded_parameters_are_gathered_once_per_rollout_not_per_token(tmp_path
         assert fields["same"] == "True"  # the sharded model samples what the whole one does
         assert int(fields["gathers"]) == int(fields["groups"]) < int(fields["tokens"]) * int(fields["groups"])
         assert fields["resharded"] == "True"  # and gives the memory back afterwards
+
+
+KL_SYNC = """
+import json
+import torch
+from accelerate import Accelerator
+from mtrl.algorithms import PPOConfig, build_online
+from mtrl.detectors import load_detector
+from mtrl.policy import GenerationConfig, PolicyConfig, build_policy
+from mtrl.rewards import RewardConfig, Rewarder
+
+torch.set_num_threads(1)
+acc = Accelerator(cpu=True)
+torch.manual_seed(0)
+policy = build_policy(PolicyConfig(model="mtrl:tiny-marian"), "mtrl:tiny-marian", "English", "German")
+rewarder = Rewarder(RewardConfig(), load_detector("reference"), policy.tokenizer)
+cfg = PPOConfig(batch_size=2, minibatch_size=2, epochs=1, kl_target=0.01, kl_horizon=20)
+ppo = build_online(cfg, policy, rewarder, GenerationConfig(max_new_tokens=12), acc, 3)
+torch.manual_seed(1 + acc.process_index)  # each process samples its own stream, as under mtrl train
+sources = [["A man rides a bike.", "Two dogs play."], ["A woman reads a long book in the park.", "Hi."]]
+refs = [["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen."], ["Eine Frau liest ein langes Buch im Park.", "Hallo."]]
+for _ in range(3):
+    metrics = ppo.step(sources[acc.process_index], refs[acc.process_index])
+coefs = acc.gather(torch.tensor([ppo.kl_ctl.value], dtype=torch.float64)).tolist()
+if acc.is_main_process:
+    json.dump({"coefs": coefs}, open("kl.json", "w"))
+acc.wait_for_everyone()
+acc.state.destroy_process_group()
+"""
+
+
+def test_adaptive_kl_coefficient_is_one_across_processes(tmp_path: Path) -> None:
+    """With kl_target set, each process's KL differs (its own sources and samples); the controller follows the
+    global KL, so every process shapes its rewards with the same coefficient."""
+    script = tmp_path / "kl.py"
+    script.write_text(KL_SYNC)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(33500 + os.getpid() % 1000), str(script)], cwd=tmp_path, env=env(), capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    coefs = json.loads((tmp_path / "kl.json").read_text())["coefs"]
+    assert len(coefs) == 2 and coefs[0] == coefs[1]
+    assert coefs[0] != 0.05  # it moved: the test would not see processes that drift if it never moved

@@ -257,3 +257,81 @@ def test_rng_state_round_trips():
     random.random(), np.random.rand(3), torch.rand(5)  # move every stream on
     set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_second_run_into_a_directory_in_use_refuses_and_a_dead_ones_lock_does_not_block(
+        tiny_seq2seq, small_data, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mtrl.cli import main
+
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_seq2seq, small_data, run,
+                                                 train={"steps": 10_000, "save_every": 1, "report_to": []})))
+    root = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen([sys.executable, "-m", "mtrl.cli", "train", str(recipe), "--quiet"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "latest").exists():  # the first run is training
+            assert first.poll() is None and time.time() < deadline, "the first run did not start training"
+            time.sleep(0.1)
+        for flags in ([], ["--resume"], ["--overwrite"]):
+            assert main(["train", str(recipe), "--quiet", *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and "Traceback" not in err
+            assert f"{run} is in use by another mtrl run (pid {first.pid} on " in err
+        assert first.poll() is None  # the refused runs did not disturb it
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    steps = len(read_metrics(run))
+    # the dead run's lock file is still there, and does not block: --resume continues it
+    assert (run / ".lock").exists()
+    assert main(["train", str(recipe), "--quiet", "--resume", "train.steps=" + str(steps + 1)]) == 0
+    assert len(read_metrics(run)) == steps + 1
+
+
+def test_detector_out_of_memory_saves_the_run_and_resume_reproduces_it(tiny_seq2seq, small_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The detector runs out of memory even on one row, mid-run: one line, the steps done are saved (with the
+    RNG of the failed step's start), and --resume with a smaller detector batch gives the uninterrupted run."""
+    from mtrl.detectors.reference import ReferenceDetector
+    from mtrl.errors import exit_status
+
+    def recipe(run: Path, **train_keys) -> dict:
+        return tiny_recipe(tiny_seq2seq, small_data, run, train={"steps": 4, "save_every": 100, "report_to": [],
+                                                                  **train_keys})
+
+    whole = tmp_path / "whole"
+    train(recipe_from_dict(recipe(whole)), quiet=True)
+
+    real, calls = ReferenceDetector.detect, []
+
+    def detect(self, sources, *args, **kwargs):
+        calls.append(len(sources))
+        if len(calls) > 2:  # steps 1 and 2 (plus the "before" evaluation), then out of memory
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, sources, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(ReferenceDetector, "detect", detect)
+    status = exit_status(lambda: train(recipe_from_dict(recipe(run)), quiet=True))
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("mtrl: error:")]
+    assert len(line) == 1 and "ran out of memory even on a single row" in line[0]
+    assert f"the run is saved at step 1: then continue it with mtrl train {run}/recipe.yaml --resume" in line[0]
+    assert (run / "checkpoints" / "step-000001").is_dir() and not (run / "final").exists()
+    monkeypatch.setattr(ReferenceDetector, "detect", real)
+    changed = recipe(run)
+    changed["detector"] = {**changed["detector"], "batch_size": 2}  # lowered, as the message says
+    train(recipe_from_dict(changed), resume=True, quiet=True)
+    keys = ("reward_mean", "kl", "sentence_score_mean", "policy_loss")
+    assert [[r[k] for k in keys] for r in read_metrics(run)] == [[r[k] for k in keys] for r in read_metrics(whole)]

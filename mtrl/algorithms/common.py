@@ -98,6 +98,15 @@ class AdaptiveKLController:
         error = max(-0.2, min(0.2, kl / self.target - 1))
         self.value *= 1 + error * n_samples / self.horizon
 
+    def update_global(self, sequence_kl: torch.Tensor, n_sources: int, accelerator: Any = None) -> None:
+        """:meth:`update` from the whole step: the mean KL per sequence and the sources of every process, so
+        that all processes keep one coefficient (each shapes its rewards with it)."""
+        total = torch.tensor([float(sequence_kl.sum()), float(sequence_kl.numel()), float(n_sources)],
+                             dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:
+            total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+        self.update(float(total[0] / total[1].clamp(min=1)), int(total[2]))
+
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: OnPolicyConfig, total_steps: int) -> tuple[Any, Any]:
     """AdamW over the parameter groups and the recipe's LR schedule."""

@@ -72,6 +72,24 @@ def read_offline_data(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def check_lengths(cfg: OfflineConfig, policy: Policy) -> None:
+    """Refuse, before any work, ``offline.data`` rows the policy cannot read whole: a translation (with a causal
+    policy's prompt) longer than the model's positions. Sampled rows are never longer (``max_new_tokens``)."""
+    limit = policy.max_positions
+    if not cfg.data or limit is None:
+        return
+    rows = read_offline_data(cfg.data)
+    lengths = [len(r["token_ids"]) if r.get("token_ids") else len(policy_target_ids(policy, r["mt"])) for r in rows]
+    if policy.kind == "causal":
+        lengths = [n + p for n, p in zip(lengths, policy.source_lengths([r["src"] for r in rows]))]
+    too_long = [(i, n) for i, n in enumerate(lengths, 1) if n > limit]
+    if too_long:
+        i, n = too_long[0]
+        what = "prompt and translation" if policy.kind == "causal" else "translation"
+        raise MtrlError(f"offline.data {cfg.data}: row {i}'s {what} is {n} tokens, more than the policy's {limit} "
+                        f"positions ({len(too_long)} of {len(rows)} rows are); split or drop such rows")
+
+
 def reward_given_spans(rows: list[dict[str, Any]], rewarder: Rewarder, where: str,
                        chunk_size: int = 256) -> list[dict[str, Any]]:
     """``token_rewards`` (and ``score``, ``spans`` sanitised) of rows whose spans are given (human MQM or another

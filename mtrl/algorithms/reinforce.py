@@ -111,7 +111,7 @@ class Reinforce(OptimizerState):
         stats = self.update(ro, rewards)
         t_update = clock() - t_update
         self.scheduler.step()
-        self.kl_ctl.update(float(kl.sum(1).mean()), len(sources))
+        self.kl_ctl.update_global(kl.sum(1), len(sources), self.accelerator)
         return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
 

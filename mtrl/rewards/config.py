@@ -43,6 +43,8 @@ class RewardConfig:
     ``hybrid_weight`` x a sentence score: the detector's, or ``scorer``'s, on the last token or spread
     by R3HF with ``hybrid_sentence: r3hf``), ``r3hf`` (``scorer``'s score differences of successive
     prefixes). ``scale`` multiplies every reward (e.g. 0.1 brings -10 penalties near the KL scale).
+    ``cache_size``: the most entries each of the rewarder's caches keeps (detections, sentence scores,
+    R3HF prefix scores), the least recently used dropped first; 0 keeps none. It changes no reward.
     """
 
     mode: RewardMode = "token"
@@ -55,6 +57,7 @@ class RewardConfig:
     scorer_model: str | None = None  # scorer comet: hub id or local checkpoint
     r3hf_level: R3HFLevel = "token"  # prefixes at every token, or only at word ends (cheaper)
     hybrid_sentence: HybridSentence = "last"
+    cache_size: Annotated[int, Range(ge=0)] = 100_000  # entries per cache (detections, scores, prefix scores)
 
     def severity(self) -> SeverityMap:
         """The severity map with ``no_error`` applied."""

@@ -17,14 +17,16 @@ become (number of words) calls.
 
 All prefixes of a batch are scored in one call to the scorer
 (:mod:`mtrl.rewards.scorers`), through a cache keyed by (source, prefix,
-reference), so the empty prefix and repeated prefixes are scored once.
+reference), so the empty prefix and repeated prefixes are scored once; the cache keeps
+the ``cache_size`` most recently used prefixes (:class:`mtrl.rewards.cache.LRUCache`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mtrl.errors import MtrlError
+from mtrl.rewards.cache import LRUCache
 from mtrl.rewards.config import allowed
 from mtrl.rewards.scorers import SentenceScorer
 
@@ -49,22 +51,27 @@ def word_ends(text: str) -> list[int]:
 
 
 class Redistributor:
-    """Turns sentence scores of prefixes into per-token rewards, with a prefix-score cache."""
+    """Turns sentence scores of prefixes into per-token rewards, with a prefix-score cache.
 
-    def __init__(self, scorer: SentenceScorer, level: str = "token"):
+    ``cache_size``: the most prefix scores kept (least recently used dropped first; 0 keeps none).
+    ``score``: what scores rows, ``scorer.score`` by default (the rewarder passes one that retries a
+    batch the detector ran out of memory on in halves).
+    """
+
+    def __init__(self, scorer: SentenceScorer, level: str = "token", cache_size: int = 100_000,
+                 score: Callable[..., Sequence[float]] | None = None):
         if level not in LEVELS:
             raise MtrlError(f"r3hf level: unknown value {level!r}; allowed: {', '.join(LEVELS)}")
         self.scorer, self.level = scorer, level
-        self.cache: dict[tuple[str, str, str | None], float] = {}
+        self.score = score or scorer.score
+        self.cache = LRUCache(cache_size)
 
-    def _score_all(self, keys: list[tuple[str, str, str | None]]) -> None:
-        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        if todo:
-            srcs, hyps, refs = (list(x) for x in zip(*todo))
-            refs_arg = None if all(r is None for r in refs) else refs
-            if self.scorer.needs_reference and refs_arg is None:
-                raise MtrlError(f"the {self.scorer.name} scorer needs references")
-            self.cache.update(zip(todo, self.scorer.score(srcs, hyps, refs_arg)))
+    def _compute(self, todo: list[tuple[str, str, str | None]]) -> Sequence[float]:
+        srcs, hyps, refs = (list(x) for x in zip(*todo))
+        refs_arg = None if all(r is None for r in refs) else refs
+        if self.scorer.needs_reference and refs_arg is None:
+            raise MtrlError(f"the {self.scorer.name} scorer needs references")
+        return self.score(srcs, hyps, refs_arg)
 
     def __call__(self, sources: Sequence[str], texts: Sequence[str], offsets: Sequence[Sequence[tuple[int, int]]],
                  references: Sequence[str | None] | None = None) -> tuple[list[list[float]], list[float]]:
@@ -72,16 +79,16 @@ class Redistributor:
         refs = list(references) if references is not None else [None] * len(texts)
         cuts = [prefix_boundaries(t, o) if self.level == "token" else word_ends(t) for t, o in zip(texts, offsets)]
         keys = [(s, t[:c], r) for s, t, r, cs in zip(sources, texts, refs, cuts) for c in [0, *cs, len(t)]]
-        self._score_all(keys)
+        scored = dict(zip(keys, self.cache.get_many(keys, self._compute)))  # this batch's, whatever the cache keeps
         rewards, full = [], []
         for s, t, r, o, cs in zip(sources, texts, refs, offsets, cuts):
-            score = [self.cache[(s, t[:c], r)] for c in [0, *cs]]
+            score = [scored[(s, t[:c], r)] for c in [0, *cs]]
             diffs = [b - a for a, b in zip(score, score[1:])]
             if self.level == "token":
                 rewards.append(diffs)
             else:
                 rewards.append(spread_words(t, o, cs, diffs))
-            full.append(self.cache[(s, t, r)])
+            full.append(scored[(s, t, r)])
         return rewards, full
 
 

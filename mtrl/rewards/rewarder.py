@@ -7,7 +7,9 @@ write. Per hypothesis:
 1. token intervals from the token ids (:func:`hypothesis_intervals`): training
    passes the sampled ids, ``score``/``label`` encode the hypothesis once;
 2. the detector's spans and score (``detect``, cached by (source, hypothesis,
-   reference));
+   reference), at most ``reward.cache_size`` entries, least recently used dropped first;
+   a batch the detector runs out of memory on is retried in halves, down to one row,
+   before :class:`~mtrl.errors.DetectorOutOfMemory` gives up);
 3. the reward mode (:class:`~mtrl.rewards.config.RewardConfig`): span penalties
    on the tokens (:mod:`mtrl.rewards.token`), a sentence score on the last token
    or spread over the tokens by R3HF (:mod:`mtrl.rewards.redistribution`), or both;
@@ -17,6 +19,7 @@ write. Per hypothesis:
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from mtrl.detectors import Detection, Detector
-from mtrl.errors import MtrlError
+from mtrl.errors import DetectorOutOfMemory, MtrlError
 from mtrl.rewards.alignment import batch_token_offsets
+from mtrl.rewards.cache import LRUCache
 from mtrl.rewards.config import RewardConfig
 from mtrl.rewards.redistribution import Redistributor
 from mtrl.rewards.scorers import load_scorer
@@ -81,17 +85,33 @@ def _project(src: str, dst: str, offsets: Offsets) -> Offsets:
     return [(pos[s], pos[e]) if e > s else (pos[s], pos[s]) for s, e in offsets]
 
 
-def _cached(cache: dict, keys: list[Key], compute: Callable[..., list]) -> list:
+def _cached(cache: LRUCache, keys: list[Key], compute: Callable[..., Sequence]) -> list:
     """Values for ``keys`` from ``cache``; the missing ones computed once, in one batch."""
-    todo = list(dict.fromkeys(k for k in keys if k not in cache))
-    if todo:
+    def rows(todo: list[Key]) -> Sequence:
         srcs, hyps, refs = (list(x) for x in zip(*todo))
-        cache.update(zip(todo, compute(srcs, hyps, None if all(r is None for r in refs) else refs)))
-    return [cache[k] for k in keys]
+        return compute(srcs, hyps, None if all(r is None for r in refs) else refs)
+
+    return cache.get_many(keys, rows)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator's out-of-memory: torch's CUDA one, or a ``RuntimeError`` saying so
+    (CUDA "out of memory", the CPU allocator's "can't allocate memory")."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in ("out of memory", "can't allocate memory"))
+
+
+def _free_cuda() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class Rewarder:
-    """Detector + reward mode + cache; call it on a batch to get a :class:`RewardOutput`.
+    """Detector + reward mode + caches; call it on a batch to get a :class:`RewardOutput`.
 
     ``tokenizer``: the policy's; without one there are spans and scores but no token rewards.
     ``use_reference``: whether the detector sees references (xCOMET's QE mode when False; a
@@ -105,13 +125,24 @@ class Rewarder:
             raise MtrlError(f"reward.scorer 'detector' with mode {config.mode!r} needs a detector")
         self.use_reference = use_reference or (detector is not None and detector.needs_reference)
         self.scorer = self.redistributor = None
+        self._split_warned = False  # the one warning the first time a batch is retried in halves
         if config.uses_scorer:
             self.scorer = load_scorer(config.scorer, detector, config.scorer_model)
             if config.redistributes:
-                self.redistributor = Redistributor(self.scorer, config.r3hf_level)
-        self.detections: dict[Key, Detection] = {}
-        self.sentence: dict[Key, float] = {}
-        self.hits = self.misses = 0
+                self.redistributor = Redistributor(self.scorer, config.r3hf_level, config.cache_size,
+                                                   score=self._score)
+        self.detections = LRUCache(config.cache_size)  # Key -> Detection
+        self.sentence = LRUCache(config.cache_size)  # Key -> the scorer's sentence score
+
+    @property
+    def hits(self) -> int:
+        """Rows whose detection came from the cache (or repeated a row of their batch)."""
+        return self.detections.hits
+
+    @property
+    def misses(self) -> int:
+        """Rows the detector was run on."""
+        return self.detections.misses
 
     @property
     def needs_reference(self) -> bool:
@@ -127,10 +158,43 @@ class Rewarder:
         if self.detector.needs_reference and any(not r for r in refs):
             row = 1 + next(i for i, r in enumerate(refs) if not r)
             raise MtrlError(f"the {self.detector.name} detector needs a reference for every row (row {row} has none)")
-        keys = list(zip(sources, hypotheses, refs))
-        new = len({k for k in keys if k not in self.detections})
-        self.hits, self.misses = self.hits + len(keys) - new, self.misses + new
-        return _cached(self.detections, keys, self.detector.detect)
+        return _cached(self.detections, list(zip(sources, hypotheses, refs)),
+                       lambda s, h, r: self._in_halves(self.detector.detect, s, h, r))
+
+    def _score(self, sources: list[str], hypotheses: list[str], references: list[str | None] | None) -> list[float]:
+        """The scorer's sentence scores; retried in halves on out-of-memory when the scorer is the detector's."""
+        if self.detector is not None and getattr(self.scorer, "detector", None) is self.detector:
+            return self._in_halves(self.scorer.score, sources, hypotheses, references)
+        return list(self.scorer.score(sources, hypotheses, references))
+
+    def _in_halves(self, run: Callable[..., Sequence], sources: list[str], hypotheses: list[str],
+                   references: list[str | None] | None, total: int | None = None) -> list:
+        """``run`` on the rows; when the detector runs out of memory, on each half of them (recursively), the
+        results concatenated in order. A single row out of memory raises :class:`DetectorOutOfMemory`."""
+        n, total = len(hypotheses), total or len(hypotheses)
+        try:
+            return list(run(sources, hypotheses, references))
+        except Exception as e:  # only out-of-memory is retried; anything else propagates as it is
+            if not out_of_memory(e):
+                raise
+        # Retried out here, not in the except block: the error's traceback holds the failed pass's tensors.
+        _free_cuda()
+        if n <= 1:
+            chars = sum(len(x or "") for x in (sources[0], hypotheses[0], references[0] if references else None))
+            where = f"even on a single row, after retrying a batch of {total} rows in halves" if total > 1 \
+                else "on a single row"
+            raise DetectorOutOfMemory(
+                f"the {self.detector.name} detector ran out of memory {where} (the row has {chars} characters of "
+                "source, hypothesis and reference); lower detector.batch_size or detector.max_tokens, "
+                "or give the detector a device with more free memory")
+        if not self._split_warned:
+            self._split_warned = True
+            print(f"mtrl: warning: the detector ran out of memory on a batch of {n} rows; retrying in halves",
+                  file=sys.stderr, flush=True)
+        h = n // 2
+        refs = (None, None) if references is None else (references[:h], references[h:])
+        return (self._in_halves(run, sources[:h], hypotheses[:h], refs[0], total)
+                + self._in_halves(run, sources[h:], hypotheses[h:], refs[1], total))
 
     def _scorer_refs(self, references: Sequence[str | None] | None, n: int) -> list[str | None]:
         refs = list(references) if references is not None else [None] * n
@@ -174,7 +238,7 @@ class Rewarder:
                 sentence = [0.0] * n  # the scorer's score is spread, nothing more on the last token
             elif self.scorer is not None:  # hybrid, another scorer's score on the last token
                 sentence = _cached(self.sentence, list(zip(sources, texts, self._scorer_refs(references, n))),
-                                   self.scorer.score)
+                                   self._score)
         scores = [float(s) for s in (full if cfg.mode == "r3hf" else [d.score for d in dets])]
         if offsets is None:
             return RewardOutput(texts, dets, scores, None, None)
