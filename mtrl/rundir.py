@@ -60,7 +60,7 @@ import torch
 import yaml
 
 from mtrl.errors import MtrlError, one_line
-from mtrl.io import append_text, atomic_dir, atomic_open, read_log
+from mtrl.io import append_text, atomic_dir, atomic_open, read_log, writing
 from mtrl.recipe import Recipe, dump_recipe, recipe_from_dict
 
 # What a run writes in its run directory; ``--overwrite`` moves these aside.
@@ -474,8 +474,9 @@ class RunDirLock:
 
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise MtrlError(f"run_dir {self.path.parent} is a file, not a directory")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
+        with writing(self.path):  # an unwritable place is one line
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
