@@ -54,11 +54,49 @@ per model, as means over the timed steps:
   a GPU of its own, ``detector.peak_memory_gb`` at the end covers the whole run); on a CPU the process'
   peak RSS (not reset per model).
 
-Usage (a few minutes on one H100-class GPU by estimate, inside the 8-minute budget; ``total_s`` says)::
+Then, per model, in the same run and on the same model object (after the PPO steps), a **sampling sweep** over
+``--batch-sizes`` (default 32 and 256; ``--tiny``: 4 and 8): for each batch size B, one warm-up and
+``--sweep-repeats`` timed rounds, the samplers interleaved within each round:
+
+* ``rollout``: mtrl's rollout, :func:`mtrl.rollout.collect_rollout` (values too, as PPO samples), timed by its
+  own ``generate_s`` (encoding the sources + :meth:`~mtrl.policy.Policy.sample`), the part a PPO step spends
+  sampling; its rewarder here is a cheap chrF one, outside that time;
+* ``hf_generate``: plain ``model.generate`` of the same model (LoRA adapter and all) on the same encoded batch,
+  multinomial sampling (``do_sample=True``, temperature 1, no top-k/top-p), the same length limit and the same
+  generation config (``min_new_tokens``, ``suppress_tokens``; NLLB's forced BOS);
+* ``vllm`` (the causal model only): :class:`mtrl.vllm_engine.VLLMEngine` built from the policy (after the PPO
+  steps; ``vllm_build_s``), sleep mode off, one seed per row; ``n/a (reason)`` when vLLM is not usable or
+  ``--no-vllm``. vLLM sees neither ``min_new_tokens`` nor ``suppress_tokens``: a row may stop at EOS, and its
+  tokens are counted up to it.
+
+Lines ``<model>.b<B>.<sampler>_tokens_per_s`` (generated tokens / wall time, sums over the timed rounds) and
+``<model>.b<B>.<sampler>_limit_fraction``, the fraction of the **decode limit**: a decoding step must read the
+weights it uses and the KV cache once from GPU memory, so with bandwidth W (bytes/s)::
+
+      bytes_per_step = weight_bytes + kv_bytes
+      kv_bytes       = 2 * L * H_kv * d_head * e * (S + (T - 1) / 2) * B
+      limit tokens/s = B / (bytes_per_step / W);   limit_fraction = achieved tokens/s / limit tokens/s
+
+2 for K and V; L layers (seq2seq: decoder layers), H_kv key/value heads, d_head the head size, e bytes per
+element (the model's dtype); S the padded source/prompt length (seq2seq: read through cross-attention), and the
+step that makes response token i reads the i - 1 tokens before it, (T - 1) / 2 on average over a response of T
+tokens; B the batch. ``weight_bytes`` (``<model>.decode_weights_gb``): every ``nn.Linear`` weight and bias on
+the decoding path (the causal stack or the decoder, LoRA adapters, the LM head once even when tied), not the
+encoder (run once per source) nor the cross-attention's key/value projections (applied once to the encoder's
+output), nor the embedding tables (B rows gathered) and norms. Also printed: ``<model>.b<B>.src_len`` (S),
+``kv_cache_gb`` (kv_bytes), ``limit_tokens_per_s``. W: the GPU's memory bandwidth by name (H200 4.8, H100 NVL
+3.9, H100 SXM 3.35, H100 PCIe 2.0, A100 80GB 2.0, A100 40GB 1.55 TB/s) or ``--bandwidth-gbs``; ``n/a`` for an
+unlisted GPU or a CPU unless given. The limit ignores compute, the prefill and the encoder: no sampler reaches it,
+and the fraction says how far from it each one is.
+
+Usage (108 s on one H200 before the sampling sweep was added; with it, not yet measured on a GPU; ``total_s``
+says)::
 
     python eval/gpu_check.py
     python eval/gpu_check.py --models qwen --steps 5 --batch-size 32 --max-new-tokens 128
     python eval/gpu_check.py --detector-device cuda:1      # xCOMET on a second GPU
+    python eval/gpu_check.py --batch-sizes 32,256,1024 --models qwen   # the sampling sweep's batch sizes
+    python eval/gpu_check.py --bandwidth-gbs 3350          # an unlisted GPU: its memory bandwidth, GB/s
     python eval/gpu_check.py --tiny                        # the same code, tiny models, CPU, fp32, seconds
 
 ``--tiny`` is what ``tests/test_gpu_check.py`` runs, so that this script cannot rot.
@@ -69,6 +107,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import resource
 import statistics
 import tempfile
@@ -84,14 +123,22 @@ from torch import nn
 
 from mtrl.algorithms import PPOConfig, build_online
 from mtrl.datasets import load_pairs
+from mtrl.detectors import load_detector
 from mtrl.detectors.xcomet import XCometDetector
-from mtrl.policy import GenerationConfig, LoraConfig, Policy, PolicyConfig, apply_lora
+from mtrl.errors import one_line
+from mtrl.policy import GenerationConfig, LoraConfig, Policy, PolicyConfig, ReferencePolicy, apply_lora
 from mtrl.rewards import RewardConfig, Rewarder
+from mtrl.rollout import collect_rollout
 from mtrl.testing import CHAT_TEMPLATE, ENCODER_DIR, build_tiny_xcomet, get_tokenizer
+
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout holds only the name: value lines
 
 # bf16 dense peak, TFLOP/s, by a part of the CUDA device name (first match wins)
 PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
                     ("H100", 989.0), ("A100", 312.0))
+# memory bandwidth, GB/s, by parts of the CUDA device name (the first entry whose parts all occur wins)
+MEMORY_BANDWIDTH_GBS = ((("H200",), 4800.0), (("H100", "NVL"), 3900.0), (("H100", "PCIe"), 2000.0),
+                        (("H100",), 3350.0), (("A100", "80GB"), 2000.0), (("A100", "40GB"), 1550.0))
 # PPO's step metrics that split the step's time (mtrl.algorithms.common.rollout_metrics)
 TIME_KEYS = ("time_generate_s", "time_reward_s", "time_forward_s", "time_update_s")
 XLMR_XL = dict(vocab_size=250880, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
@@ -131,7 +178,8 @@ def nllb_config(tok: Any, vocab: int, tiny: bool) -> Any:
 def qwen_config(tok: Any, vocab: int, tiny: bool) -> Any:
     from transformers import Qwen2Config
 
-    hidden, layers, heads, kv, inter = (32, 2, 4, 2, 64) if tiny else (1536, 28, 12, 2, 8960)
+    # tiny: head size 64, the smallest that vLLM's CPU attention takes
+    hidden, layers, heads, kv, inter = (128, 2, 2, 1, 256) if tiny else (1536, 28, 12, 2, 8960)
     return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
                        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
@@ -259,6 +307,77 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def memory_bandwidth_gbs(device: torch.device, override: float | None) -> float | None:
+    """The GPU's memory bandwidth in GB/s; None when unknown (a CPU, an unlisted GPU)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((gbs for parts, gbs in MEMORY_BANDWIDTH_GBS if all(p.lower() in name for p in parts)), None)
+
+
+def base_model(model: nn.Module) -> Any:
+    """The transformers model under a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decode_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights one decoding step reads (see the module docstring): the ``nn.Linear`` weights and
+    biases of the decoding path, each tensor once; not the encoder's, nor the cross-attention's key/value
+    projections."""
+    seen: set[int] = set()
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        path = name.split(".")
+        if "encoder" in path or any(a == "encoder_attn" and b in ("k_proj", "v_proj") for a, b in zip(path, path[1:])):
+            continue
+        for p in (module.weight, module.bias):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+def kv_cache_shape(model: nn.Module, kind: str) -> tuple[int, int, int, int]:
+    """(layers, key/value heads, head size, bytes per element) of the KV cache a decoding step reads."""
+    base = base_model(model)
+    cfg = base.config
+    if kind == "seq2seq":
+        layers, heads = cfg.decoder_layers, cfg.decoder_attention_heads
+        kv, head_dim = heads, cfg.d_model // heads
+    else:
+        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return layers, kv, head_dim, base.get_input_embeddings().weight.element_size()
+
+
+def kv_bytes_per_step(shape: tuple[int, int, int, int], src_len: int, resp_len: int, batch: int) -> float:
+    """2 (K and V) x layers x kv_heads x head_dim x bytes per element x (S + (T - 1) / 2) x B."""
+    layers, kv, head_dim, elem = shape
+    return 2.0 * layers * kv * head_dim * elem * (src_len + (resp_len - 1) / 2) * batch
+
+
+def decode_limit_tokens_per_s(bytes_per_step: float, bandwidth_gbs: float | None, batch: int) -> float | None:
+    """Tokens/s if every decoding step took only the time to read ``bytes_per_step`` at the GPU's bandwidth."""
+    if not bandwidth_gbs:
+        return None
+    return batch / (bytes_per_step / (bandwidth_gbs * 1e9))
+
+
+def vllm_unusable() -> str | None:
+    """None when :class:`mtrl.vllm_engine.VLLMEngine` can run here, else why not (one line)."""
+    try:
+        from mtrl.vllm_engine import vllm_available
+
+        return vllm_available()
+    except Exception as e:  # noqa: BLE001 - an engine module that cannot even be asked is one reason more
+        return f"mtrl.vllm_engine: {type(e).__name__}: {one_line(e)}"
+
+
 def sync(devices: list[torch.device]) -> None:
     """Wait for the GPUs, so that a wall-clock time covers the kernels launched before it."""
     for d in devices:
@@ -284,7 +403,8 @@ def timed(fn: Callable[..., Any], totals: dict[str, float], key: str) -> Callabl
 
 
 def check_model(name: str, args: argparse.Namespace, accelerator: Any, detector: Any, pairs: list[tuple[str, str]],
-                devices: list[torch.device], peak: float | None) -> None:
+                devices: list[torch.device], peak: float | None, bandwidth: float | None,
+                no_vllm: str | None) -> None:
     """Build one policy, run a warm-up and ``args.steps`` timed PPO steps, print its lines."""
     spec, device, B, T = MODELS[name], accelerator.device, args.batch_size, args.max_new_tokens
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -341,11 +461,112 @@ def check_model(name: str, args: argparse.Namespace, accelerator: Any, detector:
     say(f"{name}.mfu", mean["update_tflops"] / peak if peak else "n/a")
     say(f"{name}.peak_memory_gb", peak_memory_gb(device))
 
+    sweep_sampling(name, policy, getattr(algo, "reference", None), args, pairs, devices, bandwidth, no_vllm)
     del algo, policy, rewarder
     accelerator.free_memory()  # the prepared model and optimiser, before the next model's peak is measured
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def sweep_sampling(name: str, policy: Policy, reference: Any, args: argparse.Namespace, pairs: list[tuple[str, str]],
+                   devices: list[torch.device], bandwidth: float | None, no_vllm: str | None) -> None:
+    """mtrl's rollout, HF ``generate`` and (causal) vLLM on the same model, per batch size: tokens/s and the
+    fraction of the decode limit (see the module docstring)."""
+    spec, T, device = MODELS[name], args.max_new_tokens, policy.device
+    reference = reference or ReferencePolicy(policy)
+    # cheap rewards (chrF against the reference): the rollout's generate_s leaves them out anyway
+    rewarder = Rewarder(RewardConfig(mode="sentence"), load_detector("chrf"), policy.tokenizer)
+    weight_bytes = decode_weight_bytes(policy.model)
+    kv_shape = kv_cache_shape(policy.model, spec.kind)
+    say(f"{name}.decode_weights_gb", weight_bytes / 1e9)
+
+    engine, reason = None, (no_vllm if spec.kind == "causal" else None)
+    if spec.kind == "causal" and reason is None:
+        from mtrl.vllm_engine import VLLMConfig, VLLMEngine
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # vLLM sizes its share from the free memory
+        cfg = (VLLMConfig(gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep=False)
+               if device.type == "cuda" else VLLMConfig(kv_cache_memory_bytes=256 * 2**20, sleep=False))
+        t0 = time.perf_counter()
+        try:
+            engine = VLLMEngine(policy, cfg, T, seed=0)
+            say(f"{name}.vllm_build_s", time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - the rest of a GPU run is worth keeping; the line says why
+            reason = f"the engine did not start: {type(e).__name__}: {one_line(e)}"
+
+    for B in args.batch_sizes:
+        sample_batch(f"{name}.b{B}", policy, reference, rewarder, engine, reason, pairs[:B] * (B // len(pairs) + 1),
+                     B, args, devices, bandwidth, weight_bytes, kv_shape)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    engine = None  # vLLM's memory goes back before the next model
+    gc.collect()
+
+
+def sample_batch(key: str, policy: Policy, reference: Any, rewarder: Rewarder, engine: Any, reason: str | None,
+                 pairs: list[tuple[str, str]], B: int, args: argparse.Namespace, devices: list[torch.device],
+                 bandwidth: float | None, weight_bytes: int, kv_shape: tuple[int, int, int, int]) -> None:
+    """One batch size of :func:`sweep_sampling`: time each sampler, print its lines under ``key``."""
+    T, kind, tok = args.max_new_tokens, policy.kind, policy.tokenizer
+    gen = GenerationConfig(max_new_tokens=T)
+    sources, refs = [p[0] for p in pairs[:B]], [p[1] for p in pairs[:B]]
+    queries, qmask = policy.encode_sources(sources)
+    S = queries.shape[1]
+    hf_kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                     pad_token_id=tok.pad_token_id, **policy.length_kwargs(queries, T))
+    if policy.forced_bos_token_id is not None:
+        hf_kwargs["forced_bos_token_id"] = policy.forced_bos_token_id
+    prefix = 1 if kind == "seq2seq" else S  # generate's output starts with the decoder start token / the prompt
+
+    def rollout(r: int) -> tuple[float, int]:
+        rewarder.detections.clear()
+        rewarder.sentence.clear()
+        ro = collect_rollout(policy, reference, rewarder, sources, refs, gen, with_values=policy.value_head is not None)
+        return ro.stats["generate_s"], ro.responses.numel()
+
+    def hf_generate(r: int) -> tuple[float, int]:
+        sync(devices)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = policy.model.generate(input_ids=queries, attention_mask=qmask, **hf_kwargs)
+        sync(devices)
+        return time.perf_counter() - t0, B * (out.shape[1] - prefix)
+
+    def vllm(r: int) -> tuple[float, int]:
+        sync(devices)
+        t0 = time.perf_counter()
+        _, mask, _ = engine.sample(queries, qmask, gen, seeds=[r * B + i for i in range(B)])
+        sync(devices)
+        return time.perf_counter() - t0, int(mask.sum())
+
+    samplers: dict[str, Callable[[int], tuple[float, int]]] = {"rollout": rollout, "hf_generate": hf_generate}
+    if engine is not None:
+        samplers["vllm"] = vllm
+    for fn in samplers.values():
+        fn(0)  # warm-up
+    sums = {k: [0.0, 0] for k in samplers}
+    for r in range(1, args.sweep_repeats + 1):
+        for k, fn in samplers.items():  # interleaved: drifts of the machine hit all alike
+            s, n = fn(r)
+            sums[k][0] += s
+            sums[k][1] += n
+
+    kv = kv_bytes_per_step(kv_shape, S, T, B)
+    limit = decode_limit_tokens_per_s(weight_bytes + kv, bandwidth, B)
+    say(f"{key}.src_len", S)
+    say(f"{key}.kv_cache_gb", kv / 1e9)
+    say(f"{key}.limit_tokens_per_s", limit if limit else "n/a")
+    for k in ("rollout", "hf_generate") + (("vllm",) if kind == "causal" else ()):
+        if k not in sums:
+            say(f"{key}.{k}_tokens_per_s", f"n/a ({reason})")
+            say(f"{key}.{k}_limit_fraction", f"n/a ({reason})")
+            continue
+        tps = sums[k][1] / sums[k][0]
+        say(f"{key}.{k}_tokens_per_s", tps)
+        say(f"{key}.{k}_limit_fraction", tps / limit if limit else "n/a")
 
 
 def main() -> None:
@@ -357,6 +578,14 @@ def main() -> None:
     ap.add_argument("--detector-device", default=None, help="e.g. cuda:1 (default: the policy's device)")
     ap.add_argument("--detector-batch-size", type=int, default=16, help="rows per xCOMET forward pass")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 dense peak (default: by name)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="the sampling sweep's batch sizes, comma-separated (default 32,256; --tiny: 4,8)")
+    ap.add_argument("--sweep-repeats", type=int, default=1, help="timed rounds per batch size (after one warm-up)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None,
+                    help="the GPU's memory bandwidth in GB/s (default: by name; n/a on a CPU)")
+    ap.add_argument("--no-vllm", action="store_true", help="leave vLLM out of the sampling sweep")
+    ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                    help="vLLM's share of the GPU's memory (its engine sits next to the policy and the detector)")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32 (seconds; the test)")
     args = ap.parse_args()
     args.batch_size = args.batch_size or (4 if args.tiny else 32)
@@ -365,6 +594,12 @@ def main() -> None:
     unknown = [m for m in names if m not in MODELS]
     if unknown or not names or args.steps < 1:
         ap.error(f"--models: choose from {', '.join(MODELS)} (got {args.models!r}); --steps >= 1")
+    try:
+        args.batch_sizes = [int(b) for b in (args.batch_sizes or ("4,8" if args.tiny else "32,256")).split(",")]
+    except ValueError:
+        args.batch_sizes = []
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.sweep_repeats < 1:
+        ap.error("--batch-sizes: positive integers, comma-separated; --sweep-repeats >= 1")
     if not args.tiny and not torch.cuda.is_available():
         ap.error("no CUDA device: this check is for a GPU (--tiny runs the same code on the CPU)")
 
@@ -379,13 +614,19 @@ def main() -> None:
     devices = list(dict.fromkeys([device, det_device]))
     dtype = torch.float32 if args.tiny else torch.bfloat16
     peak = peak_tflops(device, args.peak_tflops)
+    bandwidth = memory_bandwidth_gbs(device, args.bandwidth_gbs)
+    no_vllm = "--no-vllm" if args.no_vllm else vllm_unusable() if "qwen" in names else "no causal model"
     say("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     say("dtype", str(dtype).removeprefix("torch."))
     say("peak_tflops", peak if peak else "n/a")
+    say("bandwidth_gbs", bandwidth if bandwidth else "n/a")
     say("batch_size", args.batch_size)
     say("max_new_tokens", args.max_new_tokens)
     say("steps", args.steps)
-    pairs = load_pairs("multi30k:train", limit=args.batch_size * (args.steps + 1))
+    say("sweep_batch_sizes", ",".join(map(str, args.batch_sizes)))
+    say("sweep_repeats", args.sweep_repeats)
+    say("vllm", f"n/a ({no_vllm})" if no_vllm else "yes")
+    pairs = load_pairs("multi30k:train", limit=max(args.batch_size * (args.steps + 1), *args.batch_sizes))
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -399,7 +640,7 @@ def main() -> None:
         if det_device.type == "cuda":
             say("detector.memory_gb", (torch.cuda.memory_allocated(det_device) - before) / 2**30)
         for name in names:
-            check_model(name, args, accelerator, detector, pairs, devices, peak)
+            check_model(name, args, accelerator, detector, pairs, devices, peak, bandwidth, no_vllm)
         if det_device != device and det_device.type == "cuda":
             say("detector.peak_memory_gb", peak_memory_gb(det_device))
     say("total_s", time.perf_counter() - t_start)

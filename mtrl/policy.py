@@ -19,8 +19,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,7 @@ from torch import nn
 from mtrl.errors import MtrlError, one_line
 from mtrl.sampling import sampling_kwargs
 from mtrl.schema import Range
+from mtrl.vllm_engine import VLLMConfig
 
 TINY_MARIAN = "mtrl:tiny-marian"  # the policy.model name of the shipped tiny Marian model
 TINY_MARIAN_DIR = Path(__file__).parent / "data" / "tiny-marian"  # its files (fp16 weights; mtrl/data/README.md)
@@ -74,6 +76,16 @@ class GenerationConfig:
     top_k: Annotated[int, Range(ge=0)] = 0  # 0: off
     eval_num_beams: Annotated[int, Range(ge=1)] = 1
     eval_batch_size: Annotated[int, Range(ge=1)] = 64
+    # sequences sampled per generate call (and per teacher-forced pass of the rollout), in whole sources;
+    # null: the whole batch (batch_size x samples_per_prompt) at once. Unrelated to the update's minibatch_size.
+    rollout_batch_size: Annotated[int, Range(ge=1)] | None = None
+    # rollouts decode with a static KV cache and a torch.compile'd decoding step (CUDA graphs on a GPU);
+    # the first calls compile (seconds to minutes). Off: it does not pay on a CPU (eval/results/seq2seq_sampler.md)
+    compile: bool = False
+    # what samples the rollouts: hf (transformers' generate, every policy) or vllm (causal policies; an engine
+    # in the training process, mtrl.vllm_engine); evaluation decodes with hf
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -248,8 +260,15 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def sample(self, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationConfig,
-               with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor, PolicyOutput]:
+               with_values: bool = False, samples_per_prompt: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor, PolicyOutput]:
         """Sampled responses, their mask, and the sampling pass's own log-probs (and values): no second forward.
+
+        ``samples_per_prompt`` samples of each query row: row ``i * samples_per_prompt + j`` of the outputs
+        is sample ``j`` of query ``i``. A seq2seq policy runs its encoder once per query for all of them
+        (:meth:`_sampling_inputs`); the samples, log-probs and values are those of the queries repeated
+        ``samples_per_prompt`` times, for a given torch seed (bit for bit on a CPU; a GPU's kernels may
+        round an encoder row differently in a batch of another size).
 
         Each step's raw logits (before top-k/top-p and the model's other logits processors) are read
         as the model returns them and kept only until the sampler has drawn that step's token: the
@@ -257,15 +276,38 @@ class Policy(nn.Module):
         :meth:`forward` computes with the KV cache left out. Values come from the input of the LM
         head at the same step. Memory: O(B x T), never the B x T x V logits of all steps.
         """
+        inputs = self._sampling_inputs(queries, query_mask, samples_per_prompt)
+        queries = inputs["input_ids"]
         recorder = _StepRecorder(self.model, gen.temperature, self.value_head if with_values else None)
-        with recorder:
-            out = self.model.generate(input_ids=queries, attention_mask=query_mask,
-                                      **self._generate_kwargs(gen, queries, sample=True,
-                                                               on_token=recorder.take))
+        kwargs = self._generate_kwargs(gen, queries, sample=True, on_token=recorder.take)
+        with recorder, _compiled_decoding(self, gen, kwargs):
+            out = self.model.generate(**inputs, **kwargs)
         responses = self._responses(out, queries)
         logprobs = torch.stack(recorder.logprobs, dim=1)[:, : responses.shape[1]]
         values = torch.stack(recorder.values, dim=1)[:, : responses.shape[1]] if with_values else None
         return responses, self.response_mask(responses), PolicyOutput(logprobs, None, values)
+
+    def _sampling_inputs(self, queries: torch.Tensor, query_mask: torch.Tensor, samples_per_prompt: int
+                         ) -> dict[str, Any]:
+        """``generate``'s inputs for ``samples_per_prompt`` samples of each query, one row per sample.
+
+        Seq2seq: the encoder runs here, once per query, and its output is repeated for the samples
+        (what ``generate`` does inside for ``num_return_sequences``, which the sampler cannot use:
+        it decodes greedily, :mod:`mtrl.sampling`); ``generate`` then starts from ``encoder_outputs``
+        and runs only the decoder. The repeated ``input_ids`` stay for what reads them (processors of
+        the encoder's input, the batch size). Causal: the prompts repeated.
+        """
+        k = samples_per_prompt
+        inputs: dict[str, Any] = dict(input_ids=queries.repeat_interleave(k, 0) if k > 1 else queries,
+                                      attention_mask=query_mask.repeat_interleave(k, 0) if k > 1 else query_mask)
+        if self.kind == "seq2seq":
+            from transformers.modeling_outputs import BaseModelOutput
+
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            hidden = base.get_encoder()(input_ids=queries, attention_mask=query_mask, return_dict=True)[0]
+            inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0)
+                                                        if k > 1 else hidden)
+        return inputs
 
     @property
     def eos_token_id(self) -> int:
@@ -327,6 +369,29 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
+
+
+@contextmanager
+def _compiled_decoding(policy: Policy, gen: GenerationConfig, kwargs: dict[str, Any]) -> Iterator[None]:
+    """``generation.compile``: ``generate`` with a static KV cache, whose decoding steps transformers runs
+    through ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs on a GPU; plain Inductor on a CPU,
+    where transformers compiles only when asked to).
+
+    :class:`_StepRecorder`'s hooks run inside the compiled step. Dynamo by default does not guard on a
+    module's hooks (it would keep running the hooks it was compiled with); here it does, so that a
+    recorder with or without the value head's hook gets a graph of its own, compiled once."""
+    if not gen.compile:
+        yield
+        return
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    cpu = policy.device.type == "cpu"
+    config = CompileConfig(mode="default" if cpu else "reduce-overhead")
+    config._compile_all_devices = cpu or None  # transformers compiles on GPUs only unless told
+    kwargs.update(cache_implementation="static", compile_config=config)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        yield
 
 
 class _StepRecorder:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from mtrl.algorithms import ALGORITHMS, AlgorithmConfig, PPOConfig
+from mtrl.algorithms import ALGORITHMS, ONLINE, AlgorithmConfig, PPOConfig
 from mtrl.algorithms.offline_data import OfflineConfig
 from mtrl.detectors import DetectorConfig
 from mtrl.errors import MtrlError
@@ -101,6 +101,9 @@ def _check_semantics(r: Recipe) -> None:
         (lo_hi is None or lo_hi[1] > lo_hi[0], f"algorithm.return_range: must be [lo, hi] with hi > lo, got {lo_hi and list(lo_hi)}"),
         (bool(r.policy.model), "policy.model is required (a hub id, a local path or 'mtrl:tiny-marian')"),
         (r.detector.name != "gold" or r.detector.path, "detector.path is needed for the gold detector"),
+        (r.generation.engine == "hf" or a.name in ONLINE,
+         f"generation.engine vllm samples the rollouts of ppo, reinforce and rloo; algorithm {a.name} samples with "
+         "hf (set generation.engine: hf)"),
     ]
     for ok, msg in checks:
         if not ok:

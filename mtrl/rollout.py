@@ -1,11 +1,12 @@
 """Rollouts: sample translations with the policy and reward every token with the rewarder.
 
-``collect_rollout`` is the data side of every on-policy algorithm: sample a batch
-with the KV cache, hand the sampled token ids to the :class:`~mtrl.rewards.Rewarder`
-(which decodes them, scores the hypotheses through its cache and maps spans and
-scores to those same tokens), and add the reference model's log-probs for the KL
-penalty. The policy's own log-probs (and values) come from the sampling pass itself
-(:meth:`~mtrl.policy.Policy.sample`: O(B x T) memory, no second forward).
+``collect_rollout`` is the data side of every on-policy algorithm: sample a batch with the
+KV cache (``samples_per_prompt`` per source; a seq2seq policy's encoder runs once per source
+for all of them), hand the sampled token ids to the :class:`~mtrl.rewards.Rewarder` (which
+decodes them, scores the hypotheses through its cache and maps spans and scores to those
+same tokens), and add the reference model's log-probs for the KL penalty. The policy's own
+log-probs (and values) come from the sampling pass itself (:meth:`~mtrl.policy.Policy.sample`:
+O(B x T) memory, no second forward).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mtrl.detectors import Detection
-from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
+from mtrl.policy import GenerationConfig, Policy, PolicyOutput, ReferencePolicy
 from mtrl.rewards import Rewarder
 
 
@@ -37,6 +39,9 @@ class Rollout:
     detections: list[Detection]
     group: torch.Tensor  # index of the prompt each sample came from (RLOO groups)
     stats: dict[str, float] = field(default_factory=dict)
+    # generation.engine vllm with generation.vllm.importance_sampling_cap: min(pi_trainer / pi_engine, cap) per
+    # token, which the update multiplies into the advantages (the samples came from the engine's numerics)
+    is_weights: torch.Tensor | None = None
 
 
 def response_ids(responses: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
@@ -60,33 +65,94 @@ def clock() -> float:
     return time.perf_counter()
 
 
+def chunks(n: int, size: int | None) -> list[slice]:
+    """``n`` rows in slices of at most ``size`` (None: one slice)."""
+    size = size or max(n, 1)
+    return [slice(i, i + size) for i in range(0, n, size)] or [slice(0, 0)]
+
+
+def pad_cat(parts: Sequence[torch.Tensor], value: float) -> torch.Tensor:
+    """(B_i, T_i) tensors stacked into one (sum B_i, max T_i), padded on the right with ``value``."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+
+def sample_batch(policy: Policy, prompts: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig,
+                 samples_per_prompt: int, with_values: bool) -> tuple[torch.Tensor, torch.Tensor, PolicyOutput]:
+    """The rollout's samples: ``samples_per_prompt`` per prompt row (row ``i * samples_per_prompt + j``:
+    sample ``j`` of prompt ``i``), their mask and the sampling pass's log-probs (and values).
+
+    ``generation.rollout_batch_size`` sequences per ``generate`` call, in whole prompts (all samples of a
+    prompt in one call, so a seq2seq encoder runs once per prompt); None: the whole batch in one call. The
+    calls' responses are padded to the longest (mask, log-probs and values 0 there)."""
+    per_call = None if gen.rollout_batch_size is None else max(1, gen.rollout_batch_size // samples_per_prompt)
+    parts = [policy.sample(prompts[rows], prompt_mask[rows], gen, with_values=with_values,
+                           samples_per_prompt=samples_per_prompt) for rows in chunks(len(prompts), per_call)]
+    if len(parts) == 1:
+        return parts[0]
+    pad = policy.tokenizer.pad_token_id
+    values = pad_cat([p[2].values for p in parts], 0.0) if with_values else None
+    return (pad_cat([p[0] for p in parts], pad), pad_cat([p[1] for p in parts], 0),
+            PolicyOutput(pad_cat([p[2].logprobs for p in parts], 0.0), None, values))
+
+
 @torch.no_grad()
 def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Rewarder, sources: Sequence[str],
                     references: Sequence[str | None] | None, gen: GenerationConfig, samples_per_prompt: int = 1,
-                    with_values: bool = False, recompute: Any = None) -> Rollout:
+                    with_values: bool = False, recompute: Any = None, engine: Any = None) -> Rollout:
     """Sample, reward and reference-score one batch. ``recompute``: a module called like
     :meth:`Policy.forward` (the algorithm's prepared policy) that recomputes the old log-probs and values
     by a teacher-forced pass; given where the sampling pass (KV cache) and the update's pass would round
-    differently (half or mixed precision), so that PPO's ratio starts at exactly 1."""
+    differently (half or mixed precision), so that PPO's ratio starts at exactly 1.
+
+    The sources are tokenised once; everything after sampling holds one row per sample (``queries``: each
+    source's row repeated ``samples_per_prompt`` times). The teacher-forced passes (reference, recompute)
+    take ``generation.rollout_batch_size`` rows at a time, as sampling does.
+
+    ``engine`` (:class:`mtrl.vllm_engine.VLLMEngine`, ``generation.engine: vllm``) samples instead of the
+    policy, one seed per request from the process's torch RNG; the old log-probs (and values) then come from
+    the trainer's own teacher-forced pass, and the step logs the engine-vs-trainer gap over the sampled tokens
+    (``engine_logprob_gap_mean``, ``engine_logprob_gap_max``)."""
     t0 = clock()
-    sources = [s for s in sources for _ in range(samples_per_prompt)]
-    if references is not None:
-        references = [r for r in references for _ in range(samples_per_prompt)]
-    group = torch.arange(len(sources)) // samples_per_prompt
-    queries, qmask = policy.encode_sources(sources)
-    responses, rmask, out = policy.sample(queries, qmask, gen, with_values=with_values)
+    k = samples_per_prompt
+    prompts, prompt_mask = policy.encode_sources(sources)  # one row per source
+    queries, qmask = prompts.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)  # one row per sample
+    # the samples: row i * k + j is sample j of source i
+    engine_logprobs = None
+    if engine is not None:
+        seeds = torch.randint(0, 2**31 - 1, (len(queries),)).tolist()
+        responses, rmask, engine_logprobs = engine.sample(queries, qmask, gen, seeds)
+        recompute = recompute if recompute is not None else policy
+    else:
+        responses, rmask, out = sample_batch(policy, prompts, prompt_mask, gen, k, with_values)
     t_gen = clock() - t0
+    sources = [s for s in sources for _ in range(k)]
+    if references is not None:
+        references = [r for r in references for _ in range(k)]
+    group = torch.arange(len(sources)) // k
     scored = rewarder(sources, None, references, response_ids(responses, rmask))
     rewards = reward_tensor(scored.token_rewards, responses.shape, rmask)
     t_score = clock() - t0 - t_gen
-    ref_logprobs = reference.logprobs(queries, qmask, responses, rmask, gen.temperature)
+    rows = chunks(len(sources), gen.rollout_batch_size)
+    ref_logprobs = torch.cat([reference.logprobs(queries[r], qmask[r], responses[r], rmask[r], gen.temperature)
+                              for r in rows])
     if recompute is not None:
-        out = recompute(queries, qmask, responses, rmask, gen.temperature, with_values=with_values,
-                        with_entropy=False)
+        parts = [recompute(queries[r], qmask[r], responses[r], rmask[r], gen.temperature, with_values=with_values,
+                           with_entropy=False) for r in rows]
+        out = PolicyOutput(torch.cat([p.logprobs for p in parts]), None,
+                           torch.cat([p.values for p in parts]) if with_values else None)
     t_forward = clock() - t0 - t_gen - t_score
     m = rmask.float()
     stats = {"generate_s": t_gen, "score_s": t_score, "forward_s": t_forward, "response_tokens": float(m.sum()),
              "response_length_mean": float(m.sum(1).mean())}
+    is_weights = None
+    if engine_logprobs is not None:
+        delta = (out.logprobs - engine_logprobs.to(m.device)) * m
+        stats.update(engine_logprob_gap_mean=float(delta.abs().sum() / m.sum().clamp(min=1)),
+                     engine_logprob_gap_max=float(delta.abs().max()))
+        cap = gen.vllm.importance_sampling_cap
+        if cap is not None:
+            is_weights = delta.exp().clamp(max=cap) * m
     return Rollout(queries, qmask, responses, rmask, out.logprobs * m, ref_logprobs * m,
                    None if out.values is None else out.values * m, rewards.to(m.device), scored.scores,
-                   scored.hypotheses, scored.detections, group, stats)
+                   scored.hypotheses, scored.detections, group, stats, is_weights)

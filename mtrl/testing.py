@@ -290,7 +290,8 @@ def build_tiny_seq2seq(out_dir: str | Path, lang_codes: tuple[str, ...] = (), se
     return out_dir
 
 
-def build_tiny_causal(out_dir: str | Path, chat: bool = True, seed: int = 0, tokenizer: Any = None) -> Path:
+def build_tiny_causal(out_dir: str | Path, chat: bool = True, seed: int = 0, tokenizer: Any = None,
+                      hidden_size: int = 32, heads: int = 4, kv_heads: int = 2) -> Path:
     """A 2-layer Qwen2 model with the byte-level BPE test tokenizer (and :data:`CHAT_TEMPLATE`), or ``tokenizer``.
 
     Saves model and tokenizer to ``out_dir`` (a ``from_pretrained`` directory) and returns it.
@@ -303,8 +304,9 @@ def build_tiny_causal(out_dir: str | Path, chat: bool = True, seed: int = 0, tok
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=256,
                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          bos_token_id=None)
     model = Qwen2ForCausalLM(config)

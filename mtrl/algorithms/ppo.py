@@ -42,6 +42,7 @@ from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
 from mtrl.rewards import Rewarder
 from mtrl.rollout import Rollout, clock, collect_rollout
 from mtrl.schema import Range
+from mtrl.vllm_engine import VLLMEngine
 
 __all__ = ["PPO", "PPOConfig", "AdaptiveKLController", "gae", "kl_penalty", "masked_whiten", "policy_loss",
            "value_loss"]
@@ -110,6 +111,9 @@ class PPO(OptimizerState):
         # half/mixed precision: old log-probs from the update's own forward (see collect_rollout)
         self.recompute = self.model if half_precision(policy, accelerator) else None
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        # generation.engine vllm: an engine in this process samples the rollouts (mtrl.vllm_engine)
+        self.engine = VLLMEngine(policy, gen.vllm, gen.max_new_tokens, torch.initial_seed() % 2**31) \
+            if gen.engine == "vllm" else None
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
         """One PPO step on a batch of sources; returns the step's metrics."""
@@ -118,7 +122,7 @@ class PPO(OptimizerState):
         with full_parameters(self.model, self.accelerator):
             ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
                                  self.cfg.samples_per_prompt, with_values=True,
-                                 recompute=self.recompute)
+                                 recompute=self.recompute, engine=self.engine)
         # 2. KL shaping: what PPO optimises is the reward minus the KL penalty to the reference
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
@@ -128,6 +132,9 @@ class PPO(OptimizerState):
         stats = self.update(ro, rewards)
         t_update = clock() - t_update
         self.scheduler.step()
+        if self.engine is not None:  # the engine samples the next step from the updated weights
+            with full_parameters(self.model, self.accelerator):
+                self.engine.load_weights(self.policy.model)
         self.kl_ctl.update_global(kl.sum(1), len(sources), self.accelerator)
         return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
@@ -138,6 +145,8 @@ class PPO(OptimizerState):
         advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, accelerator=self.accelerator)
+        if ro.is_weights is not None:  # truncated importance sampling: engine samples, trainer updates
+            advantages = advantages * ro.is_weights
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [],
                                          "approx_kl": [], "grad_norm": []}
         for _ in range(cfg.epochs):

@@ -38,6 +38,7 @@ from mtrl.algorithms.common import (
 from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
 from mtrl.rewards import Rewarder
 from mtrl.rollout import Rollout, clock, collect_rollout
+from mtrl.vllm_engine import VLLMEngine
 
 
 @dataclass
@@ -93,6 +94,9 @@ class Reinforce(OptimizerState):
         # half/mixed precision: old log-probs from the update's own forward (see collect_rollout)
         self.recompute = self.model if half_precision(policy, accelerator) else None
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        # generation.engine vllm: an engine in this process samples the rollouts (mtrl.vllm_engine)
+        self.engine = VLLMEngine(policy, gen.vllm, gen.max_new_tokens, torch.initial_seed() % 2**31) \
+            if gen.engine == "vllm" else None
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
         """One policy-gradient step on a batch of sources; returns the step's metrics."""
@@ -101,7 +105,7 @@ class Reinforce(OptimizerState):
         with full_parameters(self.model, self.accelerator):
             ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
                                  self.cfg.samples_per_prompt, with_values=False,
-                                 recompute=self.recompute)
+                                 recompute=self.recompute, engine=self.engine)
         # 2. KL shaping
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
@@ -111,6 +115,9 @@ class Reinforce(OptimizerState):
         stats = self.update(ro, rewards)
         t_update = clock() - t_update
         self.scheduler.step()
+        if self.engine is not None:  # the engine samples the next step from the updated weights
+            with full_parameters(self.model, self.accelerator):
+                self.engine.load_weights(self.policy.model)
         self.kl_ctl.update_global(kl.sum(1), len(sources), self.accelerator)
         return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
@@ -119,6 +126,8 @@ class Reinforce(OptimizerState):
         """Advantages (returns-to-go minus the baseline), then one pass over minibatches."""
         cfg, mask = self.cfg, ro.response_mask.float()
         adv = advantages(rewards, mask, ro.group.to(mask.device), cfg, self.accelerator)
+        if ro.is_weights is not None:  # truncated importance sampling: engine samples, trainer updates
+            adv = adv * ro.is_weights
         stats: dict[str, list[float]] = {"policy_loss": [], "entropy": [], "grad_norm": []}
         for idx in torch.randperm(mask.shape[0]).split(cfg.minibatch_size):
             m = mask[idx]
