@@ -26,8 +26,8 @@ where it logs to, the CPU threads; not what a step computes. They are ``train.st
 shorten a run, not below the checkpoint's step; with a non-constant ``algorithm.lr_schedule`` the
 rest of the schedule is stretched to the new total), ``train.save_every``, ``train.log_every``,
 ``train.eval_every``, ``train.report_to``, ``train.threads``, ``reward.cache_size`` and the detector's batching
-(``detector.batch_size``, ``detector.max_tokens``: lowered after it ran out of memory; in fp32 the scores
-do not depend on the batch). ``run_dir`` is not compared (a run directory may be moved). Any other change
+(``detector.batch_size``, ``detector.max_tokens``: lowered after it ran out of memory; the reference
+detector's scores do not depend on the batch, xCOMET's may move in the last digits with the padding). ``run_dir`` is not compared (a run directory may be moved). Any other change
 is refused with one line naming the keys and their saved and new values: the restored optimiser
 and state were made with the saved ones. Allowed changes are appended to ``run_dir/changes.jsonl``
 as ``{"step": <the step resumed from>, "changes": {"train.steps": [old, new]}}`` before
