@@ -412,7 +412,7 @@ def check_model(name: str, args: argparse.Namespace, accelerator: Any, detector:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     policy = build_policy(name, args.tiny, T, device, dtype)
-    rewarder = Rewarder(RewardConfig(), detector, policy.tokenizer, use_reference=False)
+    rewarder = Rewarder(RewardConfig(), detector, policy.tokenizer, use_reference=False, language="German")
     ppo = PPOConfig(batch_size=B, minibatch_size=max(1, B // 2))  # epochs 2, mtrl's defaults otherwise
     algo = build_online(ppo, policy, rewarder, GenerationConfig(max_new_tokens=T), accelerator,
                            total_steps=args.steps + 1)

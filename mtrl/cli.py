@@ -112,6 +112,8 @@ def reward_from_args(args: argparse.Namespace) -> Any:
     from mtrl.rewards import RewardConfig
 
     given = {k: getattr(args, k) for k in REWARD_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "guards", "auto") != "auto":
+        given["guards"] = {"enabled": args.guards == "default"}
     if getattr(args, "recipe", None):
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -166,15 +168,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         for key, value in placement_from_args(args, det_cfg.name).items():  # where, not what: results unchanged
             setattr(det_cfg, key, value)
         tok_name = args.tokenizer or recipe.policy.tokenizer or _recipe_model(recipe)
+        language = args.tgt_lang or recipe.data.tgt_lang
     else:
         det_cfg = DetectorConfig(name=args.detector or "reference", model=args.model, batch_size=args.batch_size,
                                  use_reference=True, **placement_from_args(args, args.detector or "reference"))
-        tok_name = args.tokenizer
+        tok_name, language = args.tokenizer, args.tgt_lang
     tokenizer = load_tokenizer(tok_name) if tok_name else None
     needs_detector = gold is None and reward.uses_detector
     detector = det_cfg.build() if needs_detector else None
-    rewarder = Rewarder(reward, detector, tokenizer, use_reference=det_cfg.use_reference)
     refs = [r["ref"] for r in rows]
+    # without references xCOMET scores in QE mode, and the guards are on (unless --guards none)
+    use_reference = det_cfg.use_reference and not all(x is None for x in refs)
+    rewarder = Rewarder(reward, detector, tokenizer, use_reference=use_reference, language=language)
     segments = score(
         [r["mt"] for r in rows], [r["src"] or "" for r in rows],
         None if all(x is None for x in refs) and det_cfg.name != "reference" else refs,
@@ -213,7 +218,8 @@ def render_pretty(index: int, seg: Any, color: bool) -> str:
         parts.append(f"\033[{SEVERITY_COLORS[sp.severity]}m{text}\033[0m" if color else f"[{text}]{{{sp.severity}}}")
         pos = sp.end
     parts.append(seg.hypothesis[pos:])
-    out = f"#{index}  score {seg.score:.4f}  spans {len(seg.spans)}\n  {''.join(parts)}\n"
+    tripped = f"  guards: {', '.join(seg.guards)}" if seg.guards else ""
+    out = f"#{index}  score {seg.score:.4f}  spans {len(seg.spans)}{tripped}\n  {''.join(parts)}\n"
     if seg.tokens is not None:
         toks = " ".join(f"{t}:{r:g}" if r else t for t, r in zip(seg.tokens, seg.token_rewards))
         out += f"  tokens: {toks}\n"
@@ -241,6 +247,10 @@ def add_reward_flags(p: argparse.ArgumentParser, modes: tuple[str, ...] | None =
     p.add_argument("--r3hf-level", choices=allowed("r3hf_level"),
                    help="r3hf prefixes at every token, or only at word ends (cheaper)")
     p.add_argument("--reward-scale", type=float, help="multiply every reward (default 1)")
+    p.add_argument("--guards", choices=("auto", "default", "none"), default="auto",
+                   help="checks for empty, too short or long, copied, wrong-language and looping output "
+                        "(reward.guards): default: on, with their default bounds; none: off; auto: on when the "
+                        "detector scores without references (default auto). Output rows list the tripped guards")
 
 
 def add_score_parser(sub: Any) -> None:
@@ -261,6 +271,8 @@ def add_score_parser(sub: Any) -> None:
                         "gold: spans given in --input")
     p.add_argument("--model", help="xCOMET hub id or local checkpoint (default Unbabel/XCOMET-XL)")
     p.add_argument("--tokenizer", help="hub id or local path: write per-token rewards for this tokenizer")
+    p.add_argument("--tgt-lang", help="the target language (name or ISO 639-1 code) for the language guard "
+                                      "(default: the recipe's data.tgt_lang)")
     add_reward_flags(p)
     p.add_argument("--batch-size", type=int, default=16, help="detector batch size (xcomet), >= 1")
     p.add_argument("--device", help="xcomet: auto (this process's GPU, else the CPU), cpu, cuda or cuda:N")
@@ -314,7 +326,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         tok_name = resolve_model(tok_name)
     detector = DetectorConfig(name=args.detector, model=args.model, batch_size=args.batch_size,
                               use_reference=True, **placement).build()
-    rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None)
+    rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None, language=args.tgt_lang)
     counts = label(rows, output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
     if args.policy:  # the labels are complete: the sampled rows are in OUTPUT now
         output.with_name(output.name + ".samples.jsonl").unlink(missing_ok=True)
@@ -481,13 +493,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from mtrl.stability import plot_kl_entropy, plot_reward_curves, stability_report
+    from mtrl.stability import format_report, plot_kl_entropy, plot_reward_curves, stability_report
 
     if args.plot:
         for name in ("reward_curves.png", "kl_entropy.png"):
             check_writable(Path(args.plot) / name, "--plot")
-    for run in args.runs:
-        print(json.dumps({"run": run, **stability_report(run)}, indent=2))
+    for i, run in enumerate(args.runs):
+        report = stability_report(run)
+        if args.format == "json":
+            print(json.dumps({"run": run, **report}, indent=2))
+        else:
+            print(("\n" if i else "") + format_report(report))
     if args.plot:
         runs = {Path(r).name: [r] for r in args.runs}
         print(plot_reward_curves(runs, Path(args.plot) / "reward_curves.png"), file=sys.stderr)
@@ -502,8 +518,11 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("bench", help="benchmark YAML (see eval/bench-quickstart.yaml)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
-    s = sub.add_parser("stability", help="training-stability indicators of runs (JSON), optional plots")
+    s = sub.add_parser("stability", help="training-stability flags and key figures of runs, optional plots")
     s.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    s.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text: per run the flags set and a table of key figures (default); "
+                        "json: every indicator, for scripts")
     s.add_argument("--plot", help="directory for reward_curves.png and kl_entropy.png")
     s.set_defaults(func=cmd_stability)
 

@@ -102,7 +102,7 @@ def _check_semantics(r: Recipe) -> None:
         (bool(r.policy.model), "policy.model is required (a hub id, a local path or 'mtrl:tiny-marian')"),
         (r.detector.name != "gold" or r.detector.path, "detector.path is needed for the gold detector"),
         (r.generation.engine == "hf" or a.name in ONLINE,
-         f"generation.engine vllm samples the rollouts of ppo, reinforce and rloo; algorithm {a.name} samples with "
+         f"generation.engine vllm samples the rollouts of ppo, reinforce, rloo and grpo; algorithm {a.name} samples with "
          "hf (set generation.engine: hf)"),
     ]
     for ok, msg in checks:

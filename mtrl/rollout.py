@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from mtrl.detectors import Detection
 from mtrl.policy import GenerationConfig, Policy, PolicyOutput, ReferencePolicy
 from mtrl.rewards import Rewarder
+from mtrl.rewards.guards import guard_metrics
 
 
 @dataclass
@@ -42,6 +43,10 @@ class Rollout:
     # generation.engine vllm with generation.vllm.importance_sampling_cap: min(pi_trainer / pi_engine, cap) per
     # token, which the update multiplies into the advantages (the samples came from the engine's numerics)
     is_weights: torch.Tensor | None = None
+    # the span penalties alone per token (B, T), whatever reward.mode is (GRPO's span advantages)
+    span_rewards: torch.Tensor | None = None
+    # each guard's trip rate, the length ratio to the source, the share in the target language (mtrl.rewards.guards)
+    guard_stats: dict[str, float] = field(default_factory=dict)
 
 
 def response_ids(responses: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
@@ -132,6 +137,8 @@ def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Reward
     group = torch.arange(len(sources)) // k
     scored = rewarder(sources, None, references, response_ids(responses, rmask))
     rewards = reward_tensor(scored.token_rewards, responses.shape, rmask)
+    span_rewards = None if scored.span_rewards is None else reward_tensor(scored.span_rewards, responses.shape, rmask)
+    guard_stats = guard_metrics(rewarder.guards, sources, scored.hypotheses, scored.guards)
     t_score = clock() - t0 - t_gen
     rows = chunks(len(sources), gen.rollout_batch_size)
     ref_logprobs = torch.cat([reference.logprobs(queries[r], qmask[r], responses[r], rmask[r], gen.temperature)
@@ -155,4 +162,6 @@ def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Reward
             is_weights = delta.exp().clamp(max=cap) * m
     return Rollout(queries, qmask, responses, rmask, out.logprobs * m, ref_logprobs * m,
                    None if out.values is None else out.values * m, rewards.to(m.device), scored.scores,
-                   scored.hypotheses, scored.detections, group, stats, is_weights)
+                   scored.hypotheses, scored.detections, group, stats, is_weights,
+                   None if span_rewards is None else span_rewards.to(m.device),
+                   guard_stats)

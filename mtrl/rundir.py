@@ -364,7 +364,7 @@ class StopFlag:
 
 # --------------------------------------------------------------------------- the run directory
 def holds_run(run_dir: Path) -> bool:
-    """A checkpoint (on-policy runs) or ``final/`` (every finished run, GRPO and Q-SFT included)."""
+    """A checkpoint (on-policy runs) or ``final/`` (every finished run, Q-SFT included)."""
     return latest_checkpoint(run_dir) is not None or (run_dir / "final").is_dir()
 
 

@@ -241,8 +241,9 @@ def setup(recipe: Recipe, accelerator: Any, guard: RunDirGuard, resume: bool, qu
     seed_everything(recipe.seed)  # the same initial weights (and value head) in every process
     policy = build_policy(recipe.policy, recipe.policy.model, recipe.data.src_lang,
                           recipe.data.tgt_lang).to(accelerator.device)
-    rewarder = Rewarder(recipe.reward, detector, policy.tokenizer, use_reference=recipe.detector.use_reference)
-    # the algorithm owns its optimiser, reference model and value head, if any (GRPO refuses seq2seq here)
+    rewarder = Rewarder(recipe.reward, detector, policy.tokenizer, use_reference=recipe.detector.use_reference,
+                        language=recipe.data.tgt_lang)
+    # the algorithm owns its optimiser, reference model and value head, if any
     build = build_offline if recipe.algorithm.name in OFFLINE else build_online
     algorithm = build(recipe.algorithm, policy, rewarder, recipe.generation, accelerator, recipe.train.steps)
     if recipe.algorithm.name in OFFLINE:

@@ -32,6 +32,7 @@ class ScoredSegment:
     token_rewards: list[float] | None = None
     token_ids: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    guards: list[str] | None = None  # the reward guards it trips (None: the guards were off)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -40,6 +41,8 @@ class ScoredSegment:
         }
         if self.truncated:
             out["truncated"] = True
+        if self.guards is not None:
+            out["guards"] = self.guards
         if self.tokens is not None:
             out["tokens"] = self.tokens
             out["token_ids"] = self.token_ids
@@ -105,7 +108,8 @@ def score(
             res = rewarder(sources[sl], list(hypotheses[sl]), None if references is None else references[sl],
                            None if token_ids is None else token_ids[sl], detections=given)
             for j, (hyp, d) in enumerate(zip(hypotheses[sl], res.detections)):
-                seg = ScoredSegment(hyp, d.spans, res.scores[j], d.truncated, extra=d.extra)
+                seg = ScoredSegment(hyp, d.spans, res.scores[j], d.truncated, extra=d.extra,
+                                    guards=res.guards[j] if rewarder.guards_on else None)
                 if res.token_ids is not None:
                     seg.token_ids, seg.token_rewards = res.token_ids[j], res.token_rewards[j]
                     seg.tokens = rewarder.tokenizer.convert_ids_to_tokens(seg.token_ids)
@@ -126,4 +130,10 @@ def summarize(segments: Sequence[ScoredSegment]) -> str:
     truncated = sum(s.truncated for s in segments)
     if truncated:
         line += f", {truncated} truncated (too long for the detector: spans may be missing)"
+    tripped: dict[str, int] = {}
+    for seg in segments:
+        for g in seg.guards or []:
+            tripped[g] = tripped.get(g, 0) + 1
+    if any(s.guards is not None for s in segments):
+        line += ", guards tripped: " + (", ".join(f"{g} {n}" for g, n in sorted(tripped.items())) or "none")
     return line

@@ -42,11 +42,29 @@ Indicators (``stability_report``) and the thresholds behind each flag (module co
   ``eval.json`` if present, else the first ``eval_chrf`` line); without ``eval_chrf`` lines,
   ``after - before`` chrF of ``eval.json``. Flag ``reward_hacking``: reward trend is ``"rising"`` and the
   held-out chrF change < -``HACKING_CHRF_DROP`` (chrF points): the policy is learning the detector, not
-  translation.
+  translation. Or: reward trend is ``"rising"`` and some guard's trip rate rose (below): the reward went up
+  on outputs that break a basic rule (wrong language, truncated or padded, copied, empty, looping).
+  ``hacking_reasons`` lists why (``"heldout_chrf_fell"``, ``"guard_<name>_rose"``; empty when not set).
+* **Reward guards.** ``guards``: for each logged ``guard_<name>`` column (``language``, ``length``, ``copy``,
+  ``empty``, ``loop``: the share of a step's samples on which that guard tripped, logged whether or not the
+  guards were applied to the reward) its ``initial``, ``final`` and ``change``. A guard *rose* when
+  final - initial >= ``GUARD_RISE`` (absolute) and final >= 2 x initial: the change must be both noticeable
+  and large next to where the run started, so a guard that trips often from the start does not count.
+* **Output length and language.** ``length_ratio``: ``initial``, ``final``, ``change`` and
+  ``relative_change = change / initial`` of ``length_ratio_mean`` (hypothesis / source length in characters,
+  mean over a step's samples). Flag ``length_drift``: |relative_change| >= ``LENGTH_DRIFT``: the policy
+  learnt to write longer or shorter (dropping content, or padding) than it started, a common shortcut
+  around a per-token reward. ``target_language``: ``initial``, ``final``, ``change`` of
+  ``target_language_share`` (share of a step's samples detected as the target language).
+  Logs written before these columns existed give ``None`` (and ``{}`` for ``guards``) and set no flag.
 
 Across seeds (``compare_runs``): per scheme, the mean and std over seeds (``SEED_STD_DDOF``: 1, the sample
 std; NaN for a single seed) of the final reward, of ``after`` BLEU/chrF/detector score in ``eval.json``,
-and of the main indicators; the share of seeds with each flag set.
+and of the main indicators (with the final length ratio and target-language share); the share of seeds
+with each flag set.
+
+``format_report`` renders one report for a person: the flags that are set with their reasons, then a
+short table of the key figures (``mtrl stability``'s default; ``--format json`` prints the report itself).
 """
 
 from __future__ import annotations
@@ -62,6 +80,7 @@ import pandas as pd
 
 from mtrl.errors import MtrlError
 from mtrl.io import atomic_open, numbered_log
+from mtrl.rewards.guards import GUARD_NAMES as GUARDS  # logged as guard_<name>
 
 # --------------------------------------------------------------------------- thresholds
 EDGE_ROWS = 10  # rows averaged for "initial" / "final" values (at most a fifth of the run)
@@ -80,13 +99,18 @@ LOSS_SPIKE_MIN_COUNT = 1  # spikes (in one column) that set the flag
 MIN_SPIKE_ROWS = 20  # fewer rows: no spike counting (median and MAD of a few points are unreliable)
 SPIKE_COLUMNS = ("policy_loss", "value_loss", "grad_norm")
 HACKING_CHRF_DROP = 0.5  # chrF points the held-out score must lose
+GUARD_RISE = 0.05  # rise of a guard's trip rate (absolute share of samples) that counts as hacking ...
+GUARD_RISE_FACTOR = 2.0  # ... when it also ends at >= this many times its initial rate
+LENGTH_DRIFT = 0.15  # |relative change| of the mean hypothesis/source length ratio that sets length_drift
 SEED_STD_DDOF = 1  # sample std over seeds
 EVAL_SCORES = ("bleu", "chrf", "ter", "detector_score")  # the held-out scores read from a run's eval.json
 
 REQUIRED_KEYS = ("step", "reward_mean")
 _NUMERIC = {"reward_std", "sentence_score_mean", "spans_minor", "spans_major", "spans_critical", "kl", "kl_coef",
-            "entropy", "policy_loss", "value_loss", "clipfrac", "grad_norm", "tokens_per_s"}  # checked when present
-FLAGS = ("reward_falling", "kl_blowup", "entropy_collapse", "loss_spikes", "non_finite", "reward_hacking")
+            "entropy", "policy_loss", "value_loss", "clipfrac", "grad_norm", "tokens_per_s",
+            "length_ratio_mean", "target_language_share", *(f"guard_{g}" for g in GUARDS)}  # checked when present
+FLAGS = ("reward_falling", "kl_blowup", "entropy_collapse", "loss_spikes", "non_finite", "reward_hacking",
+         "length_drift")
 
 
 # --------------------------------------------------------------------------- loading
@@ -279,6 +303,43 @@ def count_spikes(values: pd.Series, k: float = LOSS_SPIKE_K, min_rows: int = MIN
     return int((a > med + k * max(mad, 1e-12 * max(med, 1.0))).sum())
 
 
+def _edges(df: pd.DataFrame, column: str) -> tuple[float | None, float | None]:
+    """Initial and final (first-k / last-k mean) of a column's finite values; ``(None, None)`` without any."""
+    if column not in df:
+        return None, None
+    v = df[column].astype(float)
+    v = v[np.isfinite(v)]
+    if v.empty:
+        return None, None
+    k = _edge(len(v))
+    return _float(v.iloc[:k].mean()), _float(v.iloc[-k:].mean())
+
+
+def _change(initial: float | None, final: float | None) -> dict[str, float | None]:
+    return {"initial": initial, "final": final,
+            "change": _float(final - initial) if initial is not None and final is not None else None}
+
+
+def guard_indicators(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """Initial, final and change of each logged ``guard_<name>`` trip rate, keyed by ``<name>``."""
+    return {g: _change(*_edges(df, f"guard_{g}")) for g in GUARDS if f"guard_{g}" in df}
+
+
+def guard_rose(g: Mapping[str, float | None]) -> bool:
+    """A guard's trip rate rose by >= ``GUARD_RISE`` and to >= ``GUARD_RISE_FACTOR`` x its initial rate."""
+    initial, final = g["initial"], g["final"]
+    return (initial is not None and final is not None and final - initial >= GUARD_RISE
+            and final >= GUARD_RISE_FACTOR * initial)
+
+
+def length_ratio_indicators(df: pd.DataFrame) -> dict[str, float | None]:
+    """Initial, final, change and relative change of ``length_ratio_mean`` (None when not logged)."""
+    out: dict[str, float | None] = _change(*_edges(df, "length_ratio_mean"))
+    initial, change = out["initial"], out["change"]
+    out["relative_change"] = _float(change / initial) if change is not None and initial and initial > 0 else None
+    return out
+
+
 def heldout_chrf(df_eval: pd.DataFrame, eval_json: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """Held-out chrF at the start and end of training and where they come from (see module docstring)."""
     before = eval_json.get("before", {}).get("chrf")
@@ -306,15 +367,24 @@ def stability_report(run_dir: str | Path) -> dict[str, Any]:
     entropy = entropy_indicators(df)
     spikes = {c: count_spikes(df[c]) for c in SPIKE_COLUMNS if c in df}
     held = heldout_chrf(df_eval, evals)
+    guards = guard_indicators(df)
+    length = length_ratio_indicators(df)
+    language = _change(*_edges(df, "target_language_share"))
 
+    hacking_reasons = []
+    if reward["trend"] == "rising":
+        if held["change"] is not None and held["change"] < -HACKING_CHRF_DROP:
+            hacking_reasons.append("heldout_chrf_fell")
+        hacking_reasons += [f"guard_{name}_rose" for name, g in guards.items() if guard_rose(g)]
     flags = {
         "reward_falling": reward["trend"] == "falling",
         "kl_blowup": kl["blowup_step"] is not None,
         "entropy_collapse": bool(entropy["collapse"]),
         "loss_spikes": any(n >= LOSS_SPIKE_MIN_COUNT for n in spikes.values()),
         "non_finite": non_finite > 0,
-        "reward_hacking": bool(reward["trend"] == "rising" and held["change"] is not None
-                               and held["change"] < -HACKING_CHRF_DROP),
+        "reward_hacking": bool(hacking_reasons),
+        "length_drift": bool(length["relative_change"] is not None
+                             and abs(length["relative_change"]) >= LENGTH_DRIFT),
     }
     return {
         "run_dir": str(path.parent),
@@ -329,8 +399,128 @@ def stability_report(run_dir: str | Path) -> dict[str, Any]:
         "non_finite_rows": non_finite,
         "heldout_chrf": held,
         "eval": evals,
+        "guards": guards,
+        "length_ratio": length,
+        "target_language": language,
         "flags": flags,
+        "hacking_reasons": hacking_reasons,
     }
+
+
+# --------------------------------------------------------------------------- text
+def _num(x: Any, digits: int = 3, sign: bool = False) -> str:
+    """``x`` with ``digits`` decimals (``+`` for positive when ``sign``); ``-`` for a missing value."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:{'+' if sign else ''}.{digits}f}"
+
+
+def _went(initial: float | None, final: float | None, digits: int = 2) -> str:
+    """``rose 0.02 -> 0.41`` / ``fell ...`` / ``stayed ...`` (``went - -> 0.41`` when one is missing)."""
+    if initial is None or final is None:
+        return f"went {_num(initial, digits)} -> {_num(final, digits)}"
+    word = "rose" if final > initial else "fell" if final < initial else "stayed"
+    return f"{word} {_num(initial, digits)} -> {_num(final, digits)}"
+
+
+def flag_reasons(report: Mapping[str, Any]) -> dict[str, str]:
+    """Each flag that is set, with why in words and numbers (the thresholds are the module constants)."""
+    r, kl, ent, held = report["reward"], report["kl"], report["entropy"], report["heldout_chrf"]
+    why: dict[str, str] = {}
+    flags = report["flags"]
+    if flags.get("reward_falling"):
+        why["reward_falling"] = (f"reward {_went(r['initial'], r['final'], 3)} (slope {_num(r['slope_per_100_steps'], 3)}"
+                                 f" per 100 steps, spearman {_num(r['spearman'], 2)})")
+    if flags.get("kl_blowup"):
+        why["kl_blowup"] = (f"KL blew up at step {kl['blowup_step']} (max finite KL {_num(kl['max'], 2)} nats at step "
+                            f"{kl['max_step']}; limits: inf, > {KL_BLOWUP_MAX:g} nats, or {KL_BLOWUP_FACTOR:g}x "
+                            f"within {KL_BLOWUP_WINDOW} rows)")
+    if flags.get("entropy_collapse"):
+        why["entropy_collapse"] = (f"entropy {_went(ent['initial'], ent['final'], 3)} nats/token (ratio "
+                                   f"{_num(ent['ratio'], 2)}; limits: < {ENTROPY_COLLAPSE_FRAC:g}x initial or "
+                                   f"< {ENTROPY_FLOOR:g} nats)")
+    if flags.get("loss_spikes"):
+        counts = ", ".join(f"{c} {n}" for c, n in report["loss_spikes"].items() if n)
+        why["loss_spikes"] = f"spikes (|x| > median + {LOSS_SPIKE_K:g} MAD): {counts}"
+    if flags.get("non_finite"):
+        why["non_finite"] = f"{report['non_finite_rows']} step row(s) hold NaN or Infinity"
+    if flags.get("reward_hacking"):
+        parts = []
+        for reason in report.get("hacking_reasons", []):
+            if reason == "heldout_chrf_fell":
+                parts.append(f"held-out chrF {_went(held['start'], held['end'])} ({_num(held['change'], 2, True)})")
+            elif reason.startswith("guard_") and reason.endswith("_rose"):
+                name = reason[len("guard_"):-len("_rose")]
+                g = report["guards"].get(name, {})
+                parts.append(f"guard '{name}' trip rate {_went(g.get('initial'), g.get('final'))}")
+            else:
+                parts.append(reason)
+        why["reward_hacking"] = "; ".join(parts) + " while reward rose"
+    if flags.get("length_drift"):
+        lr = report["length_ratio"]
+        why["length_drift"] = (f"length ratio (hypothesis/source chars) {_went(lr['initial'], lr['final'])} "
+                               f"({_num(100 * lr['relative_change'], 0, True)}%; limit ±{100 * LENGTH_DRIFT:g}%)")
+    for name, value in flags.items():  # a flag this function does not know yet still shows
+        if value and name not in why:
+            why[name] = "set"
+    return why
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as aligned lines: first column left, numbers right, last column (notes) left."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return lines
+
+
+_HELD_SOURCES = {"eval_lines": "eval lines of metrics.jsonl", "eval_json": "eval.json before / after"}
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """One run's report for a person: a title line, the flags that are set (with why), a table of key figures."""
+    r, kl, ent, held = report["reward"], report["kl"], report["entropy"], report["heldout_chrf"]
+    title = f"{report['run_dir']}: {report['rows']} steps logged ({report['first_step']}-{report['last_step']})"
+    if report.get("duplicate_steps_dropped"):
+        title += f", {report['duplicate_steps_dropped']} repeated step line(s) dropped"
+    lines = [title]
+    why = flag_reasons(report)
+    lines += [f"  {name}: {text}" for name, text in why.items()] or ["  no flags set"]
+
+    rows = [["", "initial", "final", "change", ""]]
+    slope = r["slope_per_100_steps"]
+    rows.append(["reward", _num(r["initial"]), _num(r["final"]), _num(r["gain"], sign=True),
+                 f"trend {r['trend']}" + (f", {_num(slope, 3, True)}/100 steps, spearman {_num(r['spearman'], 2)}"
+                                          if slope is not None else "")])
+    rows.append(["KL (nats)", "", _num(kl["final"]), "",
+                 f"max {_num(kl['max'])} at step {kl['max_step']}" if kl["max"] is not None else "max -"])
+    rows.append(["entropy (nats/token)", _num(ent["initial"]), _num(ent["final"]),
+                 _num(None if ent["initial"] is None else ent["final"] - ent["initial"], sign=True),
+                 f"ratio {_num(ent['ratio'], 2)}"])
+    rows.append(["held-out chrF", _num(held["start"], 2), _num(held["end"], 2), _num(held["change"], 2, True),
+                 _HELD_SOURCES.get(held["source"], "")])
+    evals = report.get("eval", {})
+    if evals:
+        before, after = evals.get("before", {}), evals.get("after", {})
+        for m, label, d in (("bleu", "eval BLEU", 2), ("chrf", "eval chrF", 2), ("detector_score", "eval detector", 3)):
+            b, a = before.get(m), after.get(m)
+            rows.append([label, _num(b, d), _num(a, d), _num(None if a is None or b is None else a - b, d, True),
+                         "eval.json before / after"])
+    lr, lang = report.get("length_ratio", {}), report.get("target_language", {})
+    rows.append(["length ratio (hyp/src)", _num(lr.get("initial")), _num(lr.get("final")),
+                 _num(lr.get("change"), sign=True),
+                 f"{_num(100 * lr['relative_change'], 1, True)}%" if lr.get("relative_change") is not None else ""])
+    rows.append(["target-language share", _num(lang.get("initial")), _num(lang.get("final")),
+                 _num(lang.get("change"), sign=True), ""])
+    guards = report.get("guards", {})
+    for name, g in guards.items():
+        rows.append([f"guard {name} trip rate", _num(g["initial"]), _num(g["final"]), _num(g["change"], sign=True),
+                     "rose" if guard_rose(g) else ""])
+    if not guards:
+        rows.append(["guard trip rates", "-", "-", "-", "not logged"])
+    return "\n".join(lines + _table(rows))
 
 
 # --------------------------------------------------------------------------- across seeds
@@ -358,6 +548,8 @@ def compare_runs(runs: Mapping[str, list[str | Path]]) -> pd.DataFrame:
             "entropy_ratio": [r["entropy"]["ratio"] for r in reports],
             "loss_spikes": [sum(r["loss_spikes"].values()) for r in reports],
             "heldout_chrf_change": [r["heldout_chrf"]["change"] for r in reports],
+            "length_ratio_final": [r["length_ratio"]["final"] for r in reports],
+            "target_language_final": [r["target_language"]["final"] for r in reports],
         }
         for m in ("bleu", "chrf", "detector_score"):
             columns[f"after_{m}"] = [r["eval"].get("after", {}).get(m) for r in reports]

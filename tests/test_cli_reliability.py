@@ -53,9 +53,9 @@ def test_stability_reads_a_metrics_log_up_to_a_half_written_last_line(tmp_path, 
     torn = write_run(tmp_path / "torn", metric_rows())
     with open(torn / "metrics.jsonl", "a") as f:
         f.write('{"step": 999, "reward_mean": 0.')  # the run was killed mid-write
-    assert main(["stability", str(whole)]) == 0
+    assert main(["stability", str(whole), "--format", "json"]) == 0
     expected = json.loads(capsys.readouterr().out)
-    assert main(["stability", str(torn)]) == 0
+    assert main(["stability", str(torn), "--format", "json"]) == 0
     out, err = capsys.readouterr()
     got = json.loads(out)
     assert "warning" in err and "incomplete" in err and "Traceback" not in err

@@ -138,5 +138,6 @@ def test_bad_gold_inputs(tmp_path):
 
 def test_xcomet_hub_id_without_network_is_one_line(tmp_path):
     (tmp_path / "h.txt").write_text("Hallo Welt.\n")
-    proc = mtrl("score", "--hyp", str(tmp_path / "h.txt"), "--detector", "xcomet", "--model", "Unbabel/XCOMET-XL")
+    proc = mtrl("score", "--hyp", str(tmp_path / "h.txt"), "--detector", "xcomet", "--model", "Unbabel/XCOMET-XL",
+                "--tgt-lang", "German")
     assert_user_error(proc, "XCOMET-XL")

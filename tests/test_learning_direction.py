@@ -6,6 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from mtrl.algorithms.grpo import GRPO, GRPOConfig
 from mtrl.algorithms.ppo import PPO, PPOConfig
 from mtrl.algorithms.reinforce import Reinforce, ReinforceConfig
 from mtrl.detectors import Detection
@@ -31,21 +32,24 @@ class SignRewarder(Rewarder):
 
 def build(name: str, path, **cfg):
     policy = build_policy(PolicyConfig(model=str(path)), str(path), "English", "German")
-    config = PPOConfig(**cfg) if name == "ppo" else ReinforceConfig(name=name, **cfg)
-    cls = PPO if name == "ppo" else Reinforce
+    config = PPOConfig(**cfg) if name == "ppo" else GRPOConfig(**cfg) if name == "grpo" \
+        else ReinforceConfig(name=name, **cfg)
+    cls = {"ppo": PPO, "grpo": GRPO}.get(name, Reinforce)
     algo = cls(config, policy, SignRewarder(policy.tokenizer), GenerationConfig(max_new_tokens=6),
                Accelerator(cpu=True), total_steps=3)
     return policy, algo
 
 
-@pytest.mark.parametrize("name", ["ppo", "reinforce"])
+@pytest.mark.parametrize("name", ["ppo", "reinforce", "grpo"])
 @pytest.mark.parametrize("model", ["tiny_seq2seq", "tiny_causal"])
 def test_update_raises_good_and_lowers_bad_sequences(name, model, request):
     path = request.getfixturevalue(model)
     torch.manual_seed(0)
-    extra = {"epochs": 4, "lam": 1.0} if name == "ppo" else {}
+    extra = {"epochs": 4, "lam": 1.0} if name == "ppo" else {"samples_per_prompt": 2} if name == "grpo" else {}
     policy, algo = build(name, path, lr=3e-3, minibatch_size=4, whiten_advantages=False, **extra)
-    ro = collect_rollout(policy, algo.reference, algo.rewarder, SOURCES, None, algo.gen, with_values=name == "ppo")
+    sources = SOURCES[:2] if name == "grpo" else SOURCES  # GRPO: two samples of each (rows 0, 2 good; 1, 3 bad)
+    ro = collect_rollout(policy, algo.reference, algo.rewarder, sources, None, algo.gen, with_values=name == "ppo",
+                         samples_per_prompt=2 if name == "grpo" else 1)
     m = ro.response_mask.float()
     assert torch.equal(ro.rewards, torch.tensor([1.0, -1.0, 1.0, -1.0]).unsqueeze(1) * m)
     assert (ro.values is not None) == (name == "ppo")

@@ -98,14 +98,6 @@ def test_missing_xcomet_checkpoint_fails_before_the_evaluation(tiny_seq2seq, sma
     assert calls == [] and not run.exists()
 
 
-def test_grpo_with_a_seq2seq_policy_fails_before_the_evaluation(tiny_seq2seq, small_data, tmp_path, monkeypatch):
-    calls, run = spy_on_translate(monkeypatch), tmp_path / "run"
-    recipe = tiny_recipe(tiny_seq2seq, small_data, run, algorithm={"name": "grpo", "samples_per_prompt": 2})
-    with pytest.raises(MtrlError, match="needs a causal"):
-        train(recipe_from_dict(recipe), quiet=True)
-    assert calls == [] and not run.exists()
-
-
 # ------------------------------------------------------------------ resume
 def test_resume_after_a_half_written_metrics_line(tiny_seq2seq, small_data, tmp_path, capsys):
     run = tmp_path / "run"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mtrl import stability as st
+from mtrl.cli import main
 from mtrl.errors import MtrlError
 from tests.fixtures.runs import QUIET, STEPS, N, write_run
 from tests.fixtures.runs import metric_rows as rows
@@ -210,6 +211,8 @@ def test_seed_band_is_mean_and_std_over_seeds(tmp_path):
     ('{"step": "1", "reward_mean": 0.1}\n', "line 1 has no integer 'step'"),
     ('{"step": 1, "reward_mean": 0.1, "kl": "big"}\n', "line 1: 'kl' is not a number"),
     ("[1, 2]\n", "line 1 is not a JSON object"),
+    ('{"step": 1, "reward_mean": 0.1, "guard_length": "high"}\n', "line 1: 'guard_length' is not a number"),
+    ('{"step": 1, "reward_mean": 0.1, "length_ratio_mean": [1.0]}\n', "line 1: 'length_ratio_mean' is not a number"),
 ])
 def test_bad_metrics_files_name_file_and_line(tmp_path, content, message):
     (tmp_path / "metrics.jsonl").write_text(content)
@@ -221,3 +224,160 @@ def test_bad_metrics_files_name_file_and_line(tmp_path, content, message):
 def test_missing_metrics_file(tmp_path):
     with pytest.raises(MtrlError, match="no such file"):
         st.load_metrics(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- guards, length, language
+def with_columns(lines: list[dict], **columns) -> list[dict]:
+    """``lines`` with extra per-step columns (arrays of length N, or one value for every step)."""
+    out = []
+    for i, line in enumerate(lines):
+        out.append({**line, **{k: float(v if np.isscalar(v) else v[i]) for k, v in columns.items()}})
+    return out
+
+
+FLAT_REWARD = np.full(N, 0.5)
+RAMP = (STEPS - 1) / (N - 1)  # 0 .. 1
+
+
+def test_rising_guard_with_rising_reward_is_reward_hacking(tmp_path):
+    rep = report(write_run(tmp_path / "run", with_columns(rows(), guard_length=0.5 * RAMP, guard_copy=0.01)))
+    assert rep["reward"]["trend"] == "rising"
+    g = rep["guards"]["length"]
+    assert g["initial"] == pytest.approx(np.mean(0.5 * RAMP[:10])) and g["final"] == pytest.approx(np.mean(0.5 * RAMP[-10:]))
+    assert g["change"] == pytest.approx(g["final"] - g["initial"])
+    assert set(rep["guards"]) == {"length", "copy"}  # only the logged guards
+    assert rep["hacking_reasons"] == ["guard_length_rose"]
+    assert {k for k, v in rep["flags"].items() if v} == {"reward_hacking"}
+
+
+def test_rising_guard_with_flat_reward_is_not_hacking(tmp_path):
+    rep = report(write_run(tmp_path / "run", with_columns(rows(reward=FLAT_REWARD), guard_length=0.5 * RAMP)))
+    assert rep["reward"]["trend"] == "flat"
+    assert rep["guards"]["length"]["change"] > 0.4  # the guard did rise ...
+    assert rep["hacking_reasons"] == [] and not rep["flags"]["reward_hacking"]  # ... but the reward did not
+
+
+@pytest.mark.parametrize("start, end", [(0.3, 0.3), (0.3, 0.45), (0.0, 0.04)])  # constant; < 2x; < GUARD_RISE
+def test_guard_rates_that_did_not_rise_enough_are_not_hacking(tmp_path, start, end):
+    lines = with_columns(rows(), guard_language=start + (end - start) * RAMP, guard_loop=0.2)
+    rep = report(write_run(tmp_path / "run", lines))
+    assert rep["reward"]["trend"] == "rising"
+    assert rep["guards"]["language"]["final"] < max(2 * rep["guards"]["language"]["initial"],
+                                                    rep["guards"]["language"]["initial"] + st.GUARD_RISE)
+    assert rep["hacking_reasons"] == [] and not rep["flags"]["reward_hacking"]
+
+
+def test_hacking_reasons_combine_heldout_chrf_and_guards(tmp_path):
+    lines = with_columns(rows(), guard_empty=0.3 * RAMP, guard_loop=0.02 + 0.2 * RAMP)
+    rep = report(write_run(tmp_path / "run", lines, eval_json(50.0, 45.0)))
+    assert rep["hacking_reasons"] == ["heldout_chrf_fell", "guard_empty_rose", "guard_loop_rose"]
+    assert rep["flags"]["reward_hacking"]
+
+
+def test_falling_length_ratio_is_length_drift(tmp_path):
+    lines = with_columns(rows(), length_ratio_mean=1.2 - 0.4 * RAMP, target_language_share=1.0 - 0.1 * RAMP)
+    rep = report(write_run(tmp_path / "run", lines))
+    lr = rep["length_ratio"]
+    assert lr["initial"] == pytest.approx(np.mean(1.2 - 0.4 * RAMP[:10]))
+    assert lr["final"] == pytest.approx(np.mean(1.2 - 0.4 * RAMP[-10:]))
+    assert lr["relative_change"] == pytest.approx((lr["final"] - lr["initial"]) / lr["initial"])
+    assert lr["relative_change"] < -st.LENGTH_DRIFT
+    assert rep["target_language"]["final"] == pytest.approx(np.mean(1.0 - 0.1 * RAMP[-10:]))
+    assert rep["target_language"]["change"] < 0
+    assert {k for k, v in rep["flags"].items() if v} == {"length_drift"}
+
+
+def test_small_length_change_is_not_drift(tmp_path):
+    rep = report(write_run(tmp_path / "run", with_columns(rows(), length_ratio_mean=1.0 - 0.1 * RAMP)))
+    assert -st.LENGTH_DRIFT < rep["length_ratio"]["relative_change"] < -0.05
+    assert not rep["flags"]["length_drift"]
+
+
+def test_old_logs_without_the_new_columns(tmp_path):
+    rep = report(write_run(tmp_path / "run", rows(), eval_json(50.0, 51.0)))
+    assert rep["guards"] == {}
+    assert rep["length_ratio"] == {"initial": None, "final": None, "change": None, "relative_change": None}
+    assert rep["target_language"] == {"initial": None, "final": None, "change": None}
+    assert rep["hacking_reasons"] == []
+    assert rep["flags"]["length_drift"] is False and rep["flags"]["reward_hacking"] is False
+    text = st.format_report(rep)
+    assert "no flags set" in text and "guard trip rates" in text and "not logged" in text
+    row = next(line for line in text.splitlines() if line.startswith("length ratio"))
+    assert row.split()[-3:] == ["-", "-", "-"]
+
+
+def test_compare_runs_reports_length_drift_and_new_finals(tmp_path):
+    drift = write_run(tmp_path / "a0", with_columns(rows(), length_ratio_mean=1.2 - 0.4 * RAMP, target_language_share=0.9))
+    steady = write_run(tmp_path / "a1", with_columns(rows(), length_ratio_mean=1.0, target_language_share=0.8))
+    old = write_run(tmp_path / "b0", rows())
+    table = st.compare_runs({"a": [drift, steady], "b": [old]})
+    finals = [st.stability_report(d)["length_ratio"]["final"] for d in (drift, steady)]
+    assert table.loc["a", "frac_length_drift"] == 0.5 and table.loc["b", "frac_length_drift"] == 0.0
+    assert table.loc["a", "length_ratio_final_mean"] == pytest.approx(np.mean(finals))
+    assert table.loc["a", "length_ratio_final_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert table.loc["a", "target_language_final_mean"] == pytest.approx(0.85)
+    assert np.isnan(table.loc["b", "length_ratio_final_mean"]) and np.isnan(table.loc["b", "target_language_final_mean"])
+
+
+# --------------------------------------------------------------------------- mtrl stability output
+def hacked_run(path: Path) -> Path:
+    lines = with_columns(rows(), guard_length=0.5 * RAMP, guard_language=0.01,
+                         length_ratio_mean=1.2 - 0.4 * RAMP, target_language_share=0.97)
+    return write_run(path, lines, eval_json(50.0, 51.0))
+
+
+def test_text_output_shows_flags_first_then_a_short_table(tmp_path, capsys):
+    run = hacked_run(tmp_path / "run")
+    assert main(["stability", str(run)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert 10 <= len(lines) < 30
+    assert str(run) in lines[0]
+    g0, g1 = np.mean(0.5 * RAMP[:10]), np.mean(0.5 * RAMP[-10:])  # 0.02 -> 0.48
+    assert lines[1].strip().startswith(f"reward_hacking: guard 'length' trip rate rose {g0:.2f} -> {g1:.2f}")
+    assert lines[1].rstrip().endswith("while reward rose")
+    assert lines[2].strip().startswith("length_drift: length ratio") and "1.18 -> 0.82 (-31%" in lines[2]
+    header = next(i for i, line in enumerate(lines) if line.split() == ["initial", "final", "change"])
+    assert header == 3  # the table comes right after the flags
+    table = {line.split("  ")[0].strip(): line for line in lines[header + 1:]}
+    for label in ("reward", "KL (nats)", "entropy (nats/token)", "held-out chrF", "eval BLEU", "eval chrF",
+                  "eval detector", "length ratio (hyp/src)", "target-language share", "guard length trip rate",
+                  "guard language trip rate"):
+        assert label in table, (label, out)
+    assert table["eval chrF"].split()[2:5] == ["50.00", "51.00", "+1.00"]
+    assert table["guard length trip rate"].split()[4:] == [f"{g0:.3f}", f"{g1:.3f}", f"{g1 - g0:+.3f}", "rose"]
+    assert "{" not in out  # not JSON
+
+
+def test_text_output_of_a_quiet_run_and_of_several_runs(tmp_path, capsys):
+    a, b = write_run(tmp_path / "a", rows()), write_run(tmp_path / "b", rows(kl=np.where(STEPS < 70, 0.5, 30.0)))
+    assert main(["stability", str(a), str(b)]) == 0
+    blocks = capsys.readouterr().out.split("\n\n")
+    assert len(blocks) == 2 and str(a) in blocks[0] and str(b) in blocks[1]
+    assert blocks[0].splitlines()[1].strip() == "no flags set"
+    assert blocks[1].splitlines()[1].strip().startswith("kl_blowup: KL blew up at step 70")
+    held = next(line for line in blocks[0].splitlines() if line.startswith("held-out chrF"))
+    assert held.split()[2:] == ["-", "-", "-"]
+    assert "eval BLEU" not in blocks[0]  # no eval.json: no eval rows
+
+
+def test_json_format_keeps_the_full_report_with_the_new_keys(tmp_path, capsys):
+    run = hacked_run(tmp_path / "run")
+    assert main(["stability", str(run), "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["run"] == str(run)
+    assert {k: v for k, v in got.items() if k != "run"} == json.loads(json.dumps(st.stability_report(run)))
+    assert got["hacking_reasons"] == ["guard_length_rose"]
+    assert got["flags"]["reward_hacking"] and got["flags"]["length_drift"]
+    assert set(got["guards"]) == {"length", "language"}
+    assert got["length_ratio"]["relative_change"] < -st.LENGTH_DRIFT
+    assert got["target_language"]["final"] == pytest.approx(0.97)
+
+
+def test_text_format_with_plots(tmp_path, capsys):
+    run = hacked_run(tmp_path / "run")
+    assert main(["stability", str(run), "--format", "text", "--plot", str(tmp_path / "plots")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].strip().startswith("reward_hacking:")
+    for name in ("reward_curves.png", "kl_entropy.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG" and name in err

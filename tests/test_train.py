@@ -218,54 +218,6 @@ def test_qsft_recipe_rejects_unknown_options(tiny_seq2seq, small_data, tmp_path)
         recipe_from_dict(recipe)
 
 
-@pytest.mark.slow
-def test_grpo_baseline_on_a_causal_policy(tiny_causal, small_data, tmp_path):
-    run = tmp_path / "run"
-    recipe = tiny_recipe(tiny_causal, small_data, run, algorithm={"name": "grpo", "samples_per_prompt": 2,
-                                                                  "batch_size": 2})
-    results = train(recipe_from_dict(recipe), quiet=True)
-    assert {"before", "after"} <= set(results)
-    rows = read_metrics(run)
-    assert [r["step"] for r in rows] == [1, 2] and all("reward_mean" in r for r in rows)
-    assert (run / "final" / "config.json").exists()
-
-
-def test_grpo_reward_follows_reward_mode(tiny_causal, small_data, tmp_path, monkeypatch):
-    """GRPO's sequence reward is the sum of the rewarder's token rewards, so reward.mode counts."""
-    from mtrl.algorithms import grpo
-
-    seen = {}
-
-    class FakeTrainer:  # stands in for TRL: calls the reward function once, as GRPOTrainer does
-        def __init__(self, model, reward_funcs, args, train_dataset, processing_class, callbacks):
-            self.reward, self.ds, self.tok = reward_funcs, train_dataset, processing_class
-
-        def train(self):
-            ids = [self.tok(text_target="Ein Mann fährt Fahrrad.")["input_ids"]] * 2
-            seen["rewards"] = self.reward(prompts=None, completions=None, completion_ids=ids,
-                                          source=["A man rides a bike."] * 2,
-                                          reference=["Ein Mann fährt Fahrrad.", "Zwei Hunde."])
-
-    monkeypatch.setattr("trl.GRPOTrainer", FakeTrainer)
-    for mode, scale in (("sentence", 1.0), ("sentence", 2.0)):
-        recipe = tiny_recipe(tiny_causal, small_data, tmp_path / f"{mode}{scale}", reward={"mode": mode, "scale": scale},
-                             algorithm={"name": "grpo", "samples_per_prompt": 2, "batch_size": 2})
-        recipe["data"]["eval"] = None
-        train(recipe_from_dict(recipe), quiet=True)
-        seen[scale] = seen.pop("rewards")
-    assert seen[1.0][0] > seen[1.0][1]  # the exact translation beats the wrong one
-    assert seen[2.0] == pytest.approx([2 * r for r in seen[1.0]])  # reward.scale reaches GRPO
-    assert grpo.GRPOConfig().name == "grpo"
-
-
-def test_grpo_refuses_seq2seq(tiny_seq2seq, small_data, tmp_path):
-    from mtrl.errors import MtrlError
-
-    recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path / "r", algorithm={"name": "grpo", "samples_per_prompt": 2})
-    with pytest.raises(MtrlError, match="needs a causal"):
-        train(recipe_from_dict(recipe), quiet=True)
-
-
 def test_summary_names_only_what_the_run_directory_holds(tmp_path, capsys):
     from mtrl.runner import print_run_summary
 

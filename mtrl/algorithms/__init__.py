@@ -1,10 +1,10 @@
 """One readable file per algorithm, each with its config and its class; the two kinds are declared in
 :mod:`mtrl.algorithms.protocols`.
 
-* online, stepped by the runner: ``ppo`` (token-level GAE, a value head), ``reinforce`` and ``rloo`` (no
-  value head);
+* online, stepped by the runner: ``ppo`` (token-level GAE, a value head), ``reinforce``, ``rloo`` and ``grpo``
+  (group-normalised sequence advantages, optionally with span advantages; no value head);
 * offline, one ``fit`` call: ``bon`` (best-of-n SFT), ``dpo``, ``twa`` and ``qsft`` on labelled rows
-  (:mod:`mtrl.algorithms.offline_data`), and ``grpo`` (TRL's GRPOTrainer, causal policies, its own loop).
+  (:mod:`mtrl.algorithms.offline_data`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ ONLINE: dict[str, tuple[type, type]] = {
     "ppo": (PPOConfig, PPO),
     "reinforce": (ReinforceConfig, Reinforce),
     "rloo": (ReinforceConfig, Reinforce),
+    "grpo": (GRPOConfig, GRPO),
 }
 OFFLINE: dict[str, tuple[type, type]] = {
-    "grpo": (GRPOConfig, GRPO),
     "qsft": (QSFTConfig, QSFT),
     "twa": (TWAConfig, TWA),
     "bon": (BestOfNConfig, BestOfN),

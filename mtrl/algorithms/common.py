@@ -207,4 +207,5 @@ def rollout_metrics(rollout: Any, rewards: torch.Tensor, kl: torch.Tensor, kl_co
         "time_forward_s": rollout.stats["forward_s"],
         "time_update_s": update_s,
         **{k: v for k, v in rollout.stats.items() if k.startswith("engine_logprob_gap")},
+        **rollout.guard_stats,
     }

@@ -1,84 +1,153 @@
-"""Sequence-level baseline for causal policies: TRL's ``GRPOTrainer`` with mtrl's rewarder.
+"""GRPO with optional span advantages, for seq2seq and causal policies (no value head).
 
-GRPO (Shao et al. 2024) samples ``samples_per_prompt`` completions per prompt and uses the
-group-normalised sequence reward as every token's advantage: no value head, no token-level credit.
-It is the baseline the token-level schemes are compared with, through TRL's own implementation
-(decoder-only, as GRPO is in TRL). The sequence reward is the sum of the rewarder's token rewards
-for the completion's own token ids, so ``reward.mode`` means what it means for PPO (``sentence``:
-the detector's score; ``token``: the span penalties; ``hybrid``/``r3hf``: their sums).
-TRL's per-step logs are appended to the run's ``metrics.jsonl`` (``reward`` -> ``reward_mean``).
+GRPO (Shao et al. 2024) samples ``samples_per_prompt`` translations of each source and gives every token of a
+sample the same advantage: its sequence reward minus the mean of its group (the samples of the same source),
+divided by the group's std (``scale_rewards: false`` drops the division, as Dr. GRPO does, Liu et al. 2025:
+the std makes groups that barely differ count as much as groups that differ a lot). The sequence reward is the
+sum of the rewarder's token rewards, so ``reward.mode`` means what it means for PPO (``sentence``: the
+detector's score).
+
+``span_advantages`` (TranslateGemma, arXiv 2601.09012): each token's advantage also gets ``span_weight`` x its
+span penalty (:attr:`mtrl.rewards.RewardOutput.span_rewards`: the detector's spans on the tokens they cover,
+whatever ``reward.mode`` is), and the sum is normalised over the batch. A sample then learns which of its
+tokens were wrong, not only that the sentence was worse than its siblings.
+
+The KL to the frozen reference is a term of the loss (``kl_in: loss``, ``kl_coef`` x the k3 estimate per token,
+as in the GRPO paper) or a per-token penalty folded into the sequence reward before the group statistics
+(``kl_in: reward``). One step, top to bottom in :meth:`GRPO.step`: rollout -> advantages -> one pass of
+minibatch updates (on-policy, so no ratio clipping). The loss averages over the minibatch's tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
 
-from mtrl.algorithms.protocols import FitResult, OfflineData, RunLog
-from mtrl.errors import MtrlError
-from mtrl.policy import GenerationConfig, Policy, trainer_checkpointing
+from mtrl.algorithms.common import (
+    AdaptiveKLController,
+    OnPolicyConfig,
+    OptimizerState,
+    full_parameters,
+    half_precision,
+    kl_penalty,
+    make_optimizer,
+    masked_mean,
+    masked_whiten,
+    rollout_metrics,
+)
+from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
 from mtrl.rewards import Rewarder
+from mtrl.rollout import Rollout, clock, collect_rollout
 from mtrl.schema import Range
+from mtrl.vllm_engine import VLLMEngine
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(OnPolicyConfig):
     name: Literal["grpo"] = "grpo"
-    lr: Annotated[float, Range(gt=0)] = 1e-5
-    batch_size: Annotated[int, Range(ge=1)] = 8  # prompts per step (each with samples_per_prompt completions)
+    batch_size: Annotated[int, Range(ge=1)] = 8  # sources per step per process, each sampled samples_per_prompt times
     samples_per_prompt: Annotated[int, Range(ge=2)] = 4  # a group to compare
-    kl_coef: Annotated[float, Range(ge=0)] = 0.05  # TRL's beta
-    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
+    scale_rewards: bool = True  # divide by the group's std; false: Dr. GRPO
+    span_advantages: bool = False  # add the span penalties per token, then normalise over the batch
+    span_weight: Annotated[float, Range(ge=0)] = 1.0
+    kl_in: Literal["loss", "reward"] = "loss"
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    whiten_advantages: bool = False  # the group statistics already normalise
 
 
-class GRPO:
-    """Runs TRL's GRPOTrainer on the recipe's train pairs for ``train.steps`` steps: TRL owns the loop, so to
-    the runner it is one ``fit`` call (see :mod:`mtrl.algorithms.protocols`)."""
+def group_advantages(returns: torch.Tensor, group: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """Each sequence's return minus its group's mean, over the group's std when ``scale`` (one value per row)."""
+    n_groups = int(group.max()) + 1
+    count = torch.zeros(n_groups, dtype=returns.dtype).index_add_(0, group, torch.ones_like(returns))
+    mean = torch.zeros(n_groups, dtype=returns.dtype).index_add_(0, group, returns) / count
+    centred = returns - mean[group]
+    if not scale:
+        return centred
+    var = torch.zeros(n_groups, dtype=returns.dtype).index_add_(0, group, centred ** 2) / (count - 1).clamp(min=1)
+    return centred / (var.sqrt()[group] + eps)
+
+
+def advantages(rewards: torch.Tensor, span_rewards: torch.Tensor | None, mask: torch.Tensor, group: torch.Tensor,
+               cfg: GRPOConfig, accelerator: Any = None) -> torch.Tensor:
+    """(B, T) advantages: the group-normalised sequence reward on every token, plus the span penalties
+    normalised over the batch with it (``span_advantages``)."""
+    mask = mask.to(rewards.dtype)
+    seq = group_advantages((rewards * mask).sum(1).cpu(), group.cpu(), cfg.scale_rewards).to(rewards.device)
+    adv = seq.unsqueeze(1) * mask
+    if cfg.span_advantages and span_rewards is not None:
+        adv = masked_whiten(adv + cfg.span_weight * span_rewards * mask, mask, accelerator=accelerator)
+    elif cfg.whiten_advantages:
+        adv = masked_whiten(adv, mask, shift_mean=False, accelerator=accelerator)
+    return adv
+
+
+class GRPO(OptimizerState):
+    """The policy, the frozen reference, the optimiser and the KL coefficient."""
 
     def __init__(self, cfg: GRPOConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig,
                  accelerator: Any, total_steps: int):
-        if policy.kind != "causal":
-            raise MtrlError("algorithm.name grpo needs a causal (decoder-only) policy: TRL's GRPOTrainer has no "
-                            "encoder-decoder support; use ppo, reinforce or rloo for seq2seq models")
-        self.cfg, self.policy, self.rewarder, self.gen = cfg, policy, rewarder, gen
-        self.total_steps, self.cpu = total_steps, accelerator.device.type == "cpu"
+        self.cfg, self.policy, self.rewarder, self.gen, self.accelerator = cfg, policy, rewarder, gen, accelerator
+        self.reference = ReferencePolicy(policy)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer([{"params": params}], cfg, total_steps)
+        self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
+        self.recompute = self.model if half_precision(policy, accelerator) else None
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.engine = VLLMEngine(policy, gen.vllm, gen.max_new_tokens, torch.initial_seed() % 2**31) \
+            if gen.engine == "vllm" else None
 
-    def fit(self, data: OfflineData, log: RunLog) -> FitResult:
-        import tempfile
+    def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
+        """One GRPO step on a batch of sources; returns the step's metrics."""
+        t0 = clock()
+        with full_parameters(self.model, self.accelerator):
+            ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
+                                 self.cfg.samples_per_prompt, with_values=False,
+                                 recompute=self.recompute, engine=self.engine)
+        mask = ro.response_mask.float()
+        kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask  # the sampled KL, logged and adapted on
+        rewards = ro.rewards - self.kl_ctl.value * kl if self.cfg.kl_in == "reward" else ro.rewards
+        t_update = clock()
+        stats = self.update(ro, rewards)
+        t_update = clock() - t_update
+        self.scheduler.step()
+        if self.engine is not None:
+            with full_parameters(self.model, self.accelerator):
+                self.engine.load_weights(self.policy.model)
+        self.kl_ctl.update_global(kl.sum(1), len(sources), self.accelerator)
+        return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
+                "lr": self.scheduler.get_last_lr()[0]}
 
-        from datasets import Dataset
-        from transformers import TrainerCallback
-        from trl import GRPOConfig as TRLConfig
-        from trl import GRPOTrainer
-
-        cfg, gen, policy, train_pairs, log_metrics = self.cfg, self.gen, self.policy, data.pairs, log.metrics
-        n = self.total_steps * cfg.batch_size
-        pairs = [train_pairs[i % len(train_pairs)] for i in range(n)]
-        ds = Dataset.from_dict({"prompt": [policy.prompt_text(s) for s, _ in pairs],
-                                "source": [s for s, _ in pairs], "reference": [r for _, r in pairs]})
-
-        def reward(prompts, completions, completion_ids, source, reference, **kwargs) -> list[float]:
-            out = self.rewarder(list(source), None, list(reference), completion_ids)
-            return [float(sum(r)) for r in out.token_rewards]
-
-        class AppendMetrics(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "reward" in logs:
-                    log_metrics({"step": state.global_step, **logs, "reward_mean": logs["reward"],
-                         "reward_std": logs.get("reward_std", 0.0)})
-
-        output_dir = tempfile.TemporaryDirectory(prefix="mtrl-grpo-")  # TRL wants one; save_strategy "no" keeps it empty
-        args = TRLConfig(output_dir=output_dir.name, per_device_train_batch_size=cfg.batch_size * cfg.samples_per_prompt,
-                         num_generations=cfg.samples_per_prompt, max_completion_length=gen.max_new_tokens,
-                         learning_rate=cfg.lr, beta=cfg.kl_coef, temperature=gen.temperature, top_p=gen.top_p,
-                         top_k=gen.top_k or None, max_steps=self.total_steps, logging_steps=1, save_strategy="no",
-                         report_to="none", bf16=False, use_cpu=self.cpu or not torch.cuda.is_available(),
-                         **trainer_checkpointing(False), seed=data.seed, max_grad_norm=cfg.max_grad_norm,
-                         disable_tqdm=not log.progress)
-        trainer = GRPOTrainer(model=policy.model, reward_funcs=reward, args=args, train_dataset=ds,
-                              processing_class=policy.tokenizer, callbacks=[AppendMetrics()])
-        with output_dir:
-            trainer.train()
-        return FitResult()
+    def update(self, ro: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        """Advantages, then one pass over minibatches of -A log pi (+ the KL term with ``kl_in: loss``)."""
+        cfg, mask = self.cfg, ro.response_mask.float()
+        group = ro.group.to(mask.device)
+        adv = advantages(rewards, ro.span_rewards, mask, group, cfg, self.accelerator)
+        if ro.is_weights is not None:  # truncated importance sampling: engine samples, trainer updates
+            adv = adv * ro.is_weights
+        seq = (rewards * mask).sum(1)
+        flat = torch.stack([seq[group == g].std() == 0 for g in group.unique()])
+        stats: dict[str, list[float]] = {"policy_loss": [], "kl_loss": [], "entropy": [], "grad_norm": []}
+        for idx in torch.randperm(mask.shape[0]).split(cfg.minibatch_size):
+            m = mask[idx]
+            out = self.model(ro.queries[idx], ro.query_mask[idx], ro.responses[idx], ro.response_mask[idx],
+                             self.gen.temperature, with_values=False)
+            pg_loss = masked_mean(-adv[idx] * out.logprobs, m)
+            kl_loss = masked_mean(kl_penalty(out.logprobs, ro.ref_logprobs[idx], cfg.kl_estimator), m) \
+                if cfg.kl_in == "loss" else torch.zeros((), device=m.device)
+            entropy = masked_mean(out.entropy, m)
+            loss = pg_loss + self.kl_ctl.value * kl_loss - cfg.ent_coef * entropy
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            for k, v in (("policy_loss", pg_loss), ("kl_loss", kl_loss), ("entropy", entropy),
+                         ("grad_norm", grad_norm)):
+                stats[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        out_stats = {k: sum(v) / len(v) for k, v in stats.items()}
+        out_stats["advantage_mean"] = float(masked_mean(adv, mask))
+        out_stats["advantage_std"] = float(masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt())
+        out_stats["groups_without_signal"] = float(flat.float().mean())  # every sample of the source scored the same
+        return out_stats

@@ -1,9 +1,9 @@
 """The two kinds of algorithm the runner drives, declared as protocols (no base class to inherit).
 
-* **online** (:class:`OnlineAlgorithm`: PPO, REINFORCE, RLOO): the runner calls :meth:`~OnlineAlgorithm.step`
+* **online** (:class:`OnlineAlgorithm`: PPO, REINFORCE, RLOO, GRPO): the runner calls :meth:`~OnlineAlgorithm.step`
   on each batch of sources, and owns the loop around it: logging, checkpoints (``state_dict``), ``--resume``,
   Ctrl-C/SIGTERM and several processes;
-* **offline** (:class:`OfflineAlgorithm`: best-of-n, DPO, TWA, Q-SFT, and TRL's GRPO, whose loop is TRL's):
+* **offline** (:class:`OfflineAlgorithm`: best-of-n, DPO, TWA, Q-SFT):
   the runner calls :meth:`~OfflineAlgorithm.fit` once; what it returns (:class:`FitResult`) says how the
   trained model translates when that is not the policy's own decoding, and which other models it needs.
 
@@ -35,7 +35,7 @@ class OfflineData:
 
     ``pairs``: the recipe's train (source, reference) pairs; ``rows``: its labelled rows (``offline:`` section:
     the policy's samples labelled by the rewarder, or ``offline.data``), built when first called, since
-    sampling and labelling can take long and GRPO never needs them; ``seed``: the seed of the training loop's
+    sampling and labelling can take long; ``seed``: the seed of the training loop's
     shuffles; ``temperature``: the temperature the rows were sampled at.
     """
 

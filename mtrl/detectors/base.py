@@ -29,6 +29,8 @@ class Detector(ABC):
 
     name: str = "detector"
     needs_reference: bool = False
+    # the lowest sentence score: what a hypothesis that trips a reward guard scores (mtrl.rewards.guards)
+    worst_score: float = 0.0
 
     @abstractmethod
     def detect(

@@ -45,6 +45,7 @@ class GoldDetector(Detector):
     """Looks up annotated spans by (source, hypothesis); the first annotation of a pair wins."""
 
     name = "gold"
+    worst_score = -25.0  # MQM scores have no lower bound; WMT caps a segment at -25
 
     def __init__(self, path: str | Path | None = None, rows: Sequence[Mapping[str, Any]] | None = None):
         if path is None and rows is None:

@@ -198,6 +198,7 @@ class ReferenceDetector(Detector):
 
     name = "reference"
     needs_reference = True
+    worst_score = -25.0  # MQM scores have no lower bound; WMT caps a segment at -25
 
     def __init__(
         self,

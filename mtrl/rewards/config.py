@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from mtrl.detectors.spans import SeverityMap, get_severity_map
+from mtrl.rewards.guards import GuardConfig
 from mtrl.schema import Range, build
 
 RewardMode = Literal["token", "sentence", "hybrid", "r3hf"]
@@ -45,6 +46,7 @@ class RewardConfig:
     prefixes). ``scale`` multiplies every reward (e.g. 0.1 brings -10 penalties near the KL scale).
     ``cache_size``: the most entries each of the rewarder's caches keeps (detections, sentence scores,
     R3HF prefix scores), the least recently used dropped first; 0 keeps none. It changes no reward.
+    ``guards``: checks for output a reference-free reward overrates (:mod:`mtrl.rewards.guards`).
     """
 
     mode: RewardMode = "token"
@@ -58,6 +60,7 @@ class RewardConfig:
     r3hf_level: R3HFLevel = "token"  # prefixes at every token, or only at word ends (cheaper)
     hybrid_sentence: HybridSentence = "last"
     cache_size: Annotated[int, Range(ge=0)] = 100_000  # entries per cache (detections, scores, prefix scores)
+    guards: GuardConfig = field(default_factory=GuardConfig)
 
     def severity(self) -> SeverityMap:
         """The severity map with ``no_error`` applied."""

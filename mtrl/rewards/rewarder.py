@@ -10,27 +10,34 @@ write. Per hypothesis:
    reference), at most ``reward.cache_size`` entries, least recently used dropped first;
    a batch the detector runs out of memory on is retried in halves, down to one row,
    before :class:`~mtrl.errors.DetectorOutOfMemory` gives up);
-3. the reward mode (:class:`~mtrl.rewards.config.RewardConfig`): span penalties
+3. the guards (:mod:`mtrl.rewards.guards`): always checked, so that their trip rates can be logged;
+   applied when ``reward.guards.enabled`` (by default when the detector scores without references):
+   a critical span over what a tripped guard covers (the critical penalty on the final token when it
+   covers nothing) and the sentence score floored at the detector's worst;
+4. the reward mode (:class:`~mtrl.rewards.config.RewardConfig`): span penalties
    on the tokens (:mod:`mtrl.rewards.token`), a sentence score on the last token
    or spread over the tokens by R3HF (:mod:`mtrl.rewards.redistribution`), or both;
-4. ``scale`` times all of it.
+5. ``scale`` times all of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from mtrl.detectors import Detection, Detector
+from mtrl.detectors.spans import ErrorSpan
 from mtrl.errors import DetectorOutOfMemory, MtrlError
 from mtrl.rewards.alignment import batch_token_offsets
 from mtrl.rewards.cache import LRUCache
 from mtrl.rewards.config import RewardConfig
+from mtrl.rewards.guards import Guards, Trip, language_code
 from mtrl.rewards.redistribution import Redistributor
 from mtrl.rewards.scorers import load_scorer
 from mtrl.rewards.token import token_rewards
@@ -48,6 +55,10 @@ class RewardOutput:
     scores: list[float]  # the sentence score of each row (the detector's, or the r3hf scorer's)
     token_ids: list[list[int]] | None  # the tokens the rewards belong to (None without a tokenizer)
     token_rewards: list[list[float]] | None  # one reward per token id, ``scale`` applied
+    guards: list[list[str]] = field(default_factory=list)  # the guards each row trips (applied or not)
+    # the span penalties alone on the tokens (``reward.mode`` token's rewards, ``scale`` applied), whatever the
+    # mode: GRPO's span advantages
+    span_rewards: list[list[float]] | None = None
 
 
 def hypothesis_intervals(tokenizer: Any, token_ids: Sequence[Sequence[int]],
@@ -115,11 +126,12 @@ class Rewarder:
 
     ``tokenizer``: the policy's; without one there are spans and scores but no token rewards.
     ``use_reference``: whether the detector sees references (xCOMET's QE mode when False; a
-    detector that needs references always gets them).
+    detector that needs references always gets them). ``language``: the target language (a name or an
+    ISO 639-1 code) for the language guard, unless ``reward.guards.language`` names it.
     """
 
     def __init__(self, config: RewardConfig, detector: Detector | None, tokenizer: Any = None,
-                 use_reference: bool = True):
+                 use_reference: bool = True, language: str | None = None):
         self.config, self.detector, self.tokenizer = config, detector, tokenizer
         if detector is None and config.uses_scorer and config.scorer == "detector":
             raise MtrlError(f"reward.scorer 'detector' with mode {config.mode!r} needs a detector")
@@ -132,7 +144,32 @@ class Rewarder:
                 self.redistributor = Redistributor(self.scorer, config.r3hf_level, config.cache_size,
                                                    score=self._score)
         self.detections = LRUCache(config.cache_size)  # Key -> Detection
+        g = config.guards
+        self.guards_on = g.enabled if g.enabled is not None else (detector is not None and not self.use_reference)
+        self.guards = Guards(g, self._guard_language(language))
+        self.floor = g.floor if g.floor is not None else (detector.worst_score if detector is not None else 0.0)
+        self.critical = config.severity().value(ErrorSpan(0, 1, "critical"))
         self.sentence = LRUCache(config.cache_size)  # Key -> the scorer's sentence score
+
+    def _guard_language(self, language: str | None) -> str | None:
+        """The language guard's ISO code; None (no language check) when no language is known and the guards
+        only count trips. With the guards on, a language they cannot have is an error."""
+        g = self.config.guards
+        if "language" not in g.checks:
+            return None
+        name, where = (g.language, "reward.guards.language") if g.language else (language, "the target language")
+        if name is None:
+            if self.guards_on:
+                raise MtrlError("the reward guards are on and the language guard needs the target language: give "
+                                "--tgt-lang LANG (mtrl score/label) or reward.guards.language, or leave 'language' "
+                                "out of reward.guards.checks")
+            return None
+        try:
+            return language_code(name, where)
+        except MtrlError:
+            if self.guards_on:
+                raise
+            return None
 
     @property
     def hits(self) -> int:
@@ -239,17 +276,45 @@ class Rewarder:
             elif self.scorer is not None:  # hybrid, another scorer's score on the last token
                 sentence = _cached(self.sentence, list(zip(sources, texts, self._scorer_refs(references, n))),
                                    self._score)
+        trips = self.guards.check_batch(sources, texts)
+        if self.guards_on:
+            dets = [self._guarded(d, t) for d, t in zip(dets, trips)]
         scores = [float(s) for s in (full if cfg.mode == "r3hf" else [d.score for d in dets])]
+        if self.guards_on and cfg.mode == "r3hf":  # the floor's difference goes on the final token
+            lift = [min(s, self.floor) - s if t else 0.0 for s, t in zip(scores, trips)]
+            dense = [list(r[:-1]) + [r[-1] + d] if r and d else r for r, d in zip(dense, lift)]
+            scores = [s + d for s, d in zip(scores, lift)]
+        tripped = [sorted({t.guard for t in row}) for row in trips]
         if offsets is None:
-            return RewardOutput(texts, dets, scores, None, None)
+            return RewardOutput(texts, dets, scores, None, None, tripped)
 
-        rewards = []
+        rewards, spans = [], []
+        as_token = dataclasses.replace(cfg, mode="token")
         for i, (det, text, offs, sent) in enumerate(zip(dets, texts, offsets, sentence)):
             if not offs:
                 rewards.append([])
+                spans.append([])
                 continue
             r = list(dense[i]) if cfg.mode == "r3hf" else token_rewards(det, text, offs, cfg, sentence_score=sent)
             if dense is not None and cfg.mode == "hybrid":
                 r = [a + cfg.hybrid_weight * b for a, b in zip(r, dense[i])]
-            rewards.append((np.asarray(r, dtype=np.float32) * np.float32(cfg.scale)).tolist())  # float32, as trained
-        return RewardOutput(texts, dets, scores, token_ids, rewards)
+            s = token_rewards(det, text, offs, as_token)
+            if self.guards_on and any(t.end <= t.start for t in trips[i]):  # a guard that covers nothing (empty,
+                s[-1] += self.critical                                     # too short): on the final token
+                if cfg.mode in ("token", "hybrid"):
+                    r[-1] += self.critical
+            rewards.append(self._scaled(r))
+            spans.append(self._scaled(s))
+        return RewardOutput(texts, dets, scores, token_ids, rewards, tripped, spans)
+
+    def _scaled(self, rewards: list[float]) -> list[float]:
+        return (np.asarray(rewards, dtype=np.float32) * np.float32(self.config.scale)).tolist()  # float32, as trained
+
+    def _guarded(self, det: Detection, trips: list[Trip]) -> Detection:
+        """``det`` with the tripped guards applied: a critical span over what each covers, and the score floored
+        (a guard that covers nothing puts its penalty on the final token: ``__call__``)."""
+        if not trips:
+            return det
+        spans = det.spans + [ErrorSpan(t.start, t.end, "critical", f"guard/{t.guard}") for t in trips if t.end > t.start]
+        return dataclasses.replace(det, spans=sorted(spans, key=lambda s: (s.start, s.end)),
+                                   score=min(det.score, self.floor))
