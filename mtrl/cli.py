@@ -174,6 +174,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                                  use_reference=True, **placement_from_args(args, args.detector or "reference"))
         tok_name, language = args.tokenizer, args.tgt_lang
     tokenizer = load_tokenizer(tok_name) if tok_name else None
+    if gold is not None and reward.guards.floor is None:  # given MQM spans: the floor on their scale
+        from mtrl.detectors.gold import GoldDetector
+
+        reward.guards.floor = GoldDetector.worst_score
     needs_detector = gold is None and reward.uses_detector
     detector = det_cfg.build() if needs_detector else None
     refs = [r["ref"] for r in rows]
@@ -326,7 +330,10 @@ def cmd_label(args: argparse.Namespace) -> int:
         tok_name = resolve_model(tok_name)
     detector = DetectorConfig(name=args.detector, model=args.model, batch_size=args.batch_size,
                               use_reference=True, **placement).build()
-    rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None, language=args.tgt_lang)
+    # rows without references: xCOMET scores in QE mode, and the guards are on (unless --guards none)
+    use_reference = not all(r.get("ref") is None for r in rows)
+    rewarder = Rewarder(reward, detector, load_tokenizer(tok_name) if tok_name else None,
+                        use_reference=use_reference, language=args.tgt_lang)
     counts = label(rows, output, rewarder, max_tokens=args.max_tokens, progress=not args.quiet)
     if args.policy:  # the labels are complete: the sampled rows are in OUTPUT now
         output.with_name(output.name + ".samples.jsonl").unlink(missing_ok=True)
@@ -350,7 +357,8 @@ def add_label_parser(sub: Any) -> None:
                    help="sampling seed; each chunk of samples is seeded from (seed, chunk), so an interrupted "
                         "run, rerun, samples what OUTPUT.samples.jsonl lacks and gets the same rows")
     p.add_argument("--src-lang", default="English", help="source language name in a causal policy's prompt")
-    p.add_argument("--tgt-lang", default="German", help="target language name in a causal policy's prompt")
+    p.add_argument("--tgt-lang", default="German", help="target language: a causal policy's prompt, and the language "
+                                                         "guard's (a name or an ISO 639-1 code; default German)")
     p.add_argument("--output", required=True, help="output JSON lines (a .parquet copy is written beside it; "
                                                    "OUTPUT.partial and OUTPUT.samples.jsonl hold unfinished work)")
     p.add_argument("--detector", choices=("reference", "xcomet"), default="reference")

@@ -101,6 +101,9 @@ def _check_semantics(r: Recipe) -> None:
         (lo_hi is None or lo_hi[1] > lo_hi[0], f"algorithm.return_range: must be [lo, hi] with hi > lo, got {lo_hi and list(lo_hi)}"),
         (bool(r.policy.model), "policy.model is required (a hub id, a local path or 'mtrl:tiny-marian')"),
         (r.detector.name != "gold" or r.detector.path, "detector.path is needed for the gold detector"),
+        (a.name != "grpo" or not a.span_advantages or r.reward.mode != "r3hf",
+         "algorithm.span_advantages needs the detector's spans; reward.mode r3hf has none (use sentence, token "
+         "or hybrid)"),
         (r.generation.engine == "hf" or a.name in ONLINE,
          f"generation.engine vllm samples the rollouts of ppo, reinforce, rloo and grpo; algorithm {a.name} samples with "
          "hf (set generation.engine: hf)"),

@@ -64,7 +64,7 @@ from mtrl.io import append_text, atomic_dir, atomic_open, read_log, writing
 from mtrl.recipe import Recipe, dump_recipe, recipe_from_dict
 
 # What a run writes in its run directory; ``--overwrite`` moves these aside.
-OUTPUTS = ("checkpoints", "final", "tensorboard", "offline", "grpo", "metrics.jsonl", "eval.json",
+OUTPUTS = ("checkpoints", "final", "tensorboard", "offline", "metrics.jsonl", "eval.json",
            "recipe.yaml", "changes.jsonl")
 LOCK = ".lock"  # see RunDirLock
 PREVIOUS = ".previous-run"  # the outputs an --overwrite is replacing, until the new run finishes

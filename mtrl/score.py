@@ -77,13 +77,15 @@ def score(
     token_ids: Sequence[Sequence[int]] | None = None,
     chunk_size: int = 256,
     progress: bool = False,
+    language: str | None = None,
 ) -> list[ScoredSegment]:
     """Score hypotheses with the reward pipeline; with a tokenizer also give per-token rewards.
 
     ``rewarder``: a ready :class:`mtrl.rewards.Rewarder` (what training uses); otherwise one is
     built from ``detector``, ``reward`` (a :class:`RewardConfig` or its fields) and ``tokenizer``
     (object or name). ``gold_spans`` (one list per row) replaces the detector with the given
-    annotations. ``token_ids``: the tokens to reward (default: each hypothesis encoded once).
+    annotations. ``token_ids``: the tokens to reward (default: each hypothesis encoded once). ``language``: the
+    target language of the reward guards (a name or an ISO 639-1 code), for a rewarder built here.
     """
     n = len(hypotheses)
     sources = list(sources) if sources is not None else [""] * n
@@ -98,7 +100,7 @@ def score(
         det = None  # given spans, or an R3HF scorer of its own, need no detector
         if gold_spans is None and cfg.uses_detector:
             det = load_detector(detector, **(detector_options or {})) if isinstance(detector, str) else detector
-        rewarder = Rewarder(cfg, det, tokenizer)
+        rewarder = Rewarder(cfg, det, tokenizer, use_reference=references is not None, language=language)
     out: list[ScoredSegment] = []
     with tqdm(total=n, desc="score", unit="seg", disable=not progress, leave=False) as bar:
         for i in range(0, n, chunk_size):

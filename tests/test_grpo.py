@@ -50,7 +50,9 @@ def test_the_kl_term_is_in_the_loss_or_in_the_reward(kl_in, tiny_seq2seq):
     from tests.test_learning_direction import SOURCES, build
 
     torch.manual_seed(0)
-    policy, algo = build("grpo", tiny_seq2seq, lr=1e-3, samples_per_prompt=2, kl_in=kl_in, kl_coef=0.5)
+    # k1 in the reward: the penalty is then exactly kl_coef x the logged (k1) KL
+    policy, algo = build("grpo", tiny_seq2seq, lr=1e-3, samples_per_prompt=2, kl_in=kl_in, kl_coef=0.5,
+                         kl_estimator="k3" if kl_in == "loss" else "k1")
     with torch.no_grad():  # the policy moves away from its frozen reference
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -80,9 +82,22 @@ def test_grpo_trains_both_kinds_of_policy(kind, span, kl_in, tiny_seq2seq, tiny_
     assert (run / "final" / "config.json").exists()
 
 
-def test_grpo_needs_a_group(tiny_seq2seq, small_data, tmp_path):
+def test_grpo_needs_a_group_and_spans(tiny_seq2seq, small_data, tmp_path):
     from mtrl.errors import MtrlError
 
     recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path / "r", algorithm={"name": "grpo", "samples_per_prompt": 1})
     with pytest.raises(MtrlError, match="algorithm.samples_per_prompt: must be >= 2, got 1"):
         recipe_from_dict(recipe)
+    recipe = tiny_recipe(tiny_seq2seq, small_data, tmp_path / "r", reward={"mode": "r3hf", "scorer": "chrf"},
+                         algorithm={"name": "grpo", "span_advantages": True})
+    with pytest.raises(MtrlError, match="span_advantages needs the detector's spans"):
+        recipe_from_dict(recipe)
+
+
+def test_the_kl_loss_ignores_padding_whatever_its_log_probs():
+    from mtrl.algorithms.common import kl_penalty, masked_mean
+
+    logprobs, ref = torch.tensor([[-1.0, -95.0]]), torch.tensor([[-1.2, 0.0]])  # the second position is padding
+    m = torch.tensor([[1.0, 0.0]])
+    assert not torch.isfinite(masked_mean(kl_penalty(logprobs, ref, "k3"), m))  # what masking after k3 gives
+    assert torch.isfinite(masked_mean(kl_penalty(logprobs * m, ref, "k3"), m))  # what grpo.py does

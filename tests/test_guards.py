@@ -151,8 +151,8 @@ def test_the_guards_need_a_language_they_know(tokenizer):
     with pytest.raises(MtrlError, match="'Klingon' is not a language"):
         Rewarder(RewardConfig(), Constant(), tokenizer, use_reference=False, language="Klingon")
     # off: the trips are still counted, without a language check
-    quiet = Rewarder(RewardConfig(), Constant(), tokenizer, use_reference=True, language="Klingon")
-    assert "language" not in quiet.guards.checks
+    off = Rewarder(RewardConfig(), Constant(), tokenizer, use_reference=True, language="Klingon")
+    assert "language" not in off.guards.checks
 
 
 def test_recipe_checks_the_guards_section():
@@ -226,3 +226,20 @@ def test_score_with_a_recipe_uses_its_guards_and_target_language(tmp_path):
     assert [g["guards"] for g in got] == [[], ["copy", "language"]]
     # the copy's first token is under the critical span (-10 x the recipe's scale 0.05), the clean row's is not
     assert got[1]["token_rewards"][0] <= -0.5 < got[0]["token_rewards"][0]
+
+
+def test_hybrid_with_another_scorer_floors_that_score(tokenizer):
+    cfg = RewardConfig(mode="hybrid", scorer="chrf", guards=GuardConfig(enabled=True))
+    out = Rewarder(cfg, Constant(), tokenizer, use_reference=False, language="de")([SRC, SRC], [DE, SRC], [DE, DE])
+    assert out.token_rewards[0][-1] == pytest.approx(100.0)  # chrF of the reference itself, on the final token
+    from sacrebleu import sentence_chrf
+
+    assert sentence_chrf(SRC, [DE]).score > 5  # the copy's own chrF ...
+    assert out.token_rewards[1][-1] == 0.0  # ... floored at 0 (its critical span is on the words, not on EOS)
+
+
+def test_bounds_that_cannot_hold_are_an_error_and_an_unknown_language_a_warning(tokenizer, capsys):
+    with pytest.raises(MtrlError, match=r"min_length_ratio \(2\) must be below max_length_ratio \(1\)"):
+        rewarder(tokenizer, min_length_ratio=2.0, max_length_ratio=1.0)
+    Rewarder(RewardConfig(), Constant(), tokenizer, use_reference=True, language="Klingon")
+    assert "warning" in capsys.readouterr().err  # off: the run goes on, without the language trip rate

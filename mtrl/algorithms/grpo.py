@@ -12,10 +12,12 @@ span penalty (:attr:`mtrl.rewards.RewardOutput.span_rewards`: the detector's spa
 whatever ``reward.mode`` is), and the sum is normalised over the batch. A sample then learns which of its
 tokens were wrong, not only that the sentence was worse than its siblings.
 
-The KL to the frozen reference is a term of the loss (``kl_in: loss``, ``kl_coef`` x the k3 estimate per token,
-as in the GRPO paper) or a per-token penalty folded into the sequence reward before the group statistics
-(``kl_in: reward``). One step, top to bottom in :meth:`GRPO.step`: rollout -> advantages -> one pass of
-minibatch updates (on-policy, so no ratio clipping). The loss averages over the minibatch's tokens.
+The KL to the frozen reference is a term of the loss (``kl_in: loss``, ``kl_coef`` x the ``kl_estimator``
+estimate per token, k3 by default, as in the GRPO paper) or a per-token penalty folded into the sequence reward
+before the group statistics (``kl_in: reward``). One step, top to bottom in :meth:`GRPO.step`: rollout ->
+advantages -> one pass of minibatch updates (on-policy, so no ratio clipping). The loss averages over the
+minibatch's tokens (Dr. GRPO's constant normaliser is not implemented), and span advantages are whitened over
+the batch even with ``scale_rewards: false``. ``gamma`` is not used: every token gets its sequence's advantage.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ class GRPO(OptimizerState):
                                  recompute=self.recompute, engine=self.engine)
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask  # the sampled KL, logged and adapted on
-        rewards = ro.rewards - self.kl_ctl.value * kl if self.cfg.kl_in == "reward" else ro.rewards
+        rewards = ro.rewards
+        if self.cfg.kl_in == "reward":  # the per-token penalty, with the recipe's estimator, in the reward
+            rewards = rewards - self.kl_ctl.value * kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
         t_update = clock()
         stats = self.update(ro, rewards)
         t_update = clock() - t_update
@@ -127,7 +131,7 @@ class GRPO(OptimizerState):
         adv = advantages(rewards, ro.span_rewards, mask, group, cfg, self.accelerator)
         if ro.is_weights is not None:  # truncated importance sampling: engine samples, trainer updates
             adv = adv * ro.is_weights
-        seq = (rewards * mask).sum(1)
+        seq = (ro.rewards * mask).sum(1)  # the task reward alone: a group whose samples all scored the same
         flat = torch.stack([seq[group == g].std() == 0 for g in group.unique()])
         stats: dict[str, list[float]] = {"policy_loss": [], "kl_loss": [], "entropy": [], "grad_norm": []}
         for idx in torch.randperm(mask.shape[0]).split(cfg.minibatch_size):
@@ -135,7 +139,8 @@ class GRPO(OptimizerState):
             out = self.model(ro.queries[idx], ro.query_mask[idx], ro.responses[idx], ro.response_mask[idx],
                              self.gen.temperature, with_values=False)
             pg_loss = masked_mean(-adv[idx] * out.logprobs, m)
-            kl_loss = masked_mean(kl_penalty(out.logprobs, ro.ref_logprobs[idx], cfg.kl_estimator), m) \
+            # masked before the estimator: k3's exp of a padding position's log-ratio could overflow
+            kl_loss = masked_mean(kl_penalty(out.logprobs * m, ro.ref_logprobs[idx], cfg.kl_estimator), m) \
                 if cfg.kl_in == "loss" else torch.zeros((), device=m.device)
             entropy = masked_mean(out.entropy, m)
             loss = pg_loss + self.kl_ctl.value * kl_loss - cfg.ent_coef * entropy

@@ -8,10 +8,10 @@ and ``mtrl label`` agree): a tripped guard adds a critical span over what it cov
 penalty on the final token when it covers nothing (empty, too short), and floors the sentence score.
 
 * ``language``: the probability of the target language under py3langid < ``min_language_prob``.
-  py3langid (a maintained fork of langid.py, BSD) ships its model in the wheel (4.6 MB, 97 ISO 639-1
-  languages), needs only numpy and takes about 50 µs a sentence on one CPU core, so it can run on every
-  rollout. lingua-language-detector is more accurate on very short text but its wheel is 96 MB and it
-  holds 1.3 GB in memory with all languages loaded. Close variants count as the target (Chinese with
+  py3langid (a maintained fork of langid.py, BSD) ships its model in the wheel (4.6 MB, 140 language
+  classes; the names below cover its 114 ISO 639-1 codes) and needs only numpy, so it can run on every
+  rollout. lingua-language-detector is more accurate on very short text but its wheel is 96 MB, it held
+  1.4 GB with all languages loaded and was about 30 times slower (``eval/results/guards.md``). Close variants count as the target (Chinese with
   Wu and Cantonese, Norwegian with Nynorsk, Arabic with its dialects).
 * ``length``: hypothesis / source length outside [``min_length_ratio``, ``max_length_ratio``], in
   characters without whitespace, a wide (CJK) character counted as 3, so that the same bounds hold in
@@ -120,7 +120,11 @@ class Trip:
 
 @cache
 def _identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise MtrlError("the language guard needs py3langid, a dependency of mtrl: pip install py3langid "
+                        "(or reinstall mtrl)") from None
 
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
@@ -191,6 +195,9 @@ class Guards:
     """The configured checks for one target language (``language`` None: no language check)."""
 
     def __init__(self, cfg: GuardConfig, language: str | None):
+        if cfg.min_length_ratio >= cfg.max_length_ratio:
+            raise MtrlError(f"reward.guards.min_length_ratio ({cfg.min_length_ratio:g}) must be below "
+                            f"max_length_ratio ({cfg.max_length_ratio:g})")
         self.cfg = cfg
         self.checks = [c for c in cfg.checks if c != "language" or language is not None]
         self.language = language

@@ -145,9 +145,14 @@ class Rewarder:
                                                    score=self._score)
         self.detections = LRUCache(config.cache_size)  # Key -> Detection
         g = config.guards
-        self.guards_on = g.enabled if g.enabled is not None else (detector is not None and not self.use_reference)
+        # auto: on when a score comes without references (the detector's, or a QE scorer's: COMET-Kiwi)
+        scores_qe = not self.use_reference and any(x is not None and not x.needs_reference
+                                                   for x in (detector, self.scorer))
+        self.guards_on = g.enabled if g.enabled is not None else scores_qe
         self.guards = Guards(g, self._guard_language(language))
+        # the floors of a tripped hypothesis: the detector's score, and the scorer's (r3hf, hybrid)
         self.floor = g.floor if g.floor is not None else (detector.worst_score if detector is not None else 0.0)
+        self.scorer_floor = g.floor if g.floor is not None else getattr(self.scorer, "worst_score", 0.0)
         self.critical = config.severity().value(ErrorSpan(0, 1, "critical"))
         self.sentence = LRUCache(config.cache_size)  # Key -> the scorer's sentence score
 
@@ -166,9 +171,10 @@ class Rewarder:
             return None
         try:
             return language_code(name, where)
-        except MtrlError:
+        except MtrlError as e:
             if self.guards_on:
                 raise
+            print(f"mtrl: warning: {e}; the language guard's trip rate is not logged", file=sys.stderr, flush=True)
             return None
 
     @property
@@ -280,10 +286,13 @@ class Rewarder:
         if self.guards_on:
             dets = [self._guarded(d, t) for d, t in zip(dets, trips)]
         scores = [float(s) for s in (full if cfg.mode == "r3hf" else [d.score for d in dets])]
-        if self.guards_on and cfg.mode == "r3hf":  # the floor's difference goes on the final token
-            lift = [min(s, self.floor) - s if t else 0.0 for s, t in zip(scores, trips)]
+        if self.guards_on and dense is not None:  # an R3HF-spread score: its floor's difference on the final token
+            lift = [min(s, self.scorer_floor) - s if t else 0.0 for s, t in zip(full, trips)]
             dense = [list(r[:-1]) + [r[-1] + d] if r and d else r for r, d in zip(dense, lift)]
-            scores = [s + d for s, d in zip(scores, lift)]
+            if cfg.mode == "r3hf":
+                scores = [s + d for s, d in zip(scores, lift)]
+        elif self.guards_on and cfg.mode == "hybrid" and self.scorer is not None:  # another scorer's, on the last
+            sentence = [min(s, self.scorer_floor) if t else s for s, t in zip(sentence, trips)]
         tripped = [sorted({t.guard for t in row}) for row in trips]
         if offsets is None:
             return RewardOutput(texts, dets, scores, None, None, tripped)

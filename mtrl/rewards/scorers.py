@@ -21,6 +21,7 @@ class SentenceScorer:
 
     name = "scorer"
     needs_reference = False
+    worst_score = 0.0  # the floor of a hypothesis that trips a reward guard (chrF, BLEU, COMET: 0)
 
     def score(self, sources: Sequence[str], hypotheses: Sequence[str],
               references: Sequence[str | None] | None) -> list[float]:
@@ -32,7 +33,7 @@ class DetectorScorer(SentenceScorer):
 
     def __init__(self, detector: Detector):
         self.detector, self.name = detector, detector.name
-        self.needs_reference = detector.needs_reference
+        self.needs_reference, self.worst_score = detector.needs_reference, detector.worst_score
 
     def score(self, sources, hypotheses, references) -> list[float]:
         return [d.score for d in self.detector.detect(sources, hypotheses, references)]
