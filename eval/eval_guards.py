@@ -17,7 +17,7 @@ these rows have references; the guards do not look at it). Gamed versions of eve
 Prints ``name: value`` lines: first the figures the default bounds were chosen from (quantiles over the real
 translations of each development set, in both directions: length ratio, copy share, and the target
 language's probability), then per data set and kind the share of rows with a tripped guard (for the real rows
-that is the false-flag rate) and the share each guard trips. The bounds were chosen on these WMT22 and
+that is the false-flag rate) and the share each guard trips; and each real system output that trips a guard. The bounds were chosen on these WMT22 and
 Multi30k validation rows; Multi30k test2016 is the held-out check of the false-flag rate.
 """
 
@@ -120,7 +120,11 @@ def main() -> None:
         real = [{"src": r["source"], "mt": r[k], "ref": r["ref_A"]} for k in systems for r in rows]
         refs = [{"src": r["source"], "mt": r[k], "ref": r["ref_A"]} for k in ("ref_A", "ref_B") for r in rows
                 if r.get(k)]
-        report(f"wmt22_{lp}_system_outputs", score(real, tgt, work, f"{lp}-real"))
+        tripped = score(real, tgt, work, f"{lp}-real")
+        report(f"wmt22_{lp}_system_outputs", tripped)
+        for row, guards in zip(real, tripped):  # the real outputs that trip a guard, to read
+            if guards:
+                print(f"wmt22_{lp}_flagged_output: {','.join(guards)} | {row['src'][:70]!r} -> {row['mt'][:70]!r}")
         report(f"wmt22_{lp}_references", score(refs, tgt, work, f"{lp}-refs"))
         for kind in GAMES:
             other_lp = {"en-de": "en-ru", "en-ru": "en-de"}.get(lp)

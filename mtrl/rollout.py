@@ -104,7 +104,8 @@ def sample_batch(policy: Policy, prompts: torch.Tensor, prompt_mask: torch.Tenso
 @torch.no_grad()
 def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Rewarder, sources: Sequence[str],
                     references: Sequence[str | None] | None, gen: GenerationConfig, samples_per_prompt: int = 1,
-                    with_values: bool = False, recompute: Any = None, engine: Any = None) -> Rollout:
+                    with_values: bool = False, recompute: Any = None, engine: Any = None,
+                    span_rewards: bool = False) -> Rollout:
     """Sample, reward and reference-score one batch. ``recompute``: a module called like
     :meth:`Policy.forward` (the algorithm's prepared policy) that recomputes the old log-probs and values
     by a teacher-forced pass; given where the sampling pass (KV cache) and the update's pass would round
@@ -117,7 +118,8 @@ def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Reward
     ``engine`` (:class:`mtrl.vllm_engine.VLLMEngine`, ``generation.engine: vllm``) samples instead of the
     policy, one seed per request from the process's torch RNG; the old log-probs (and values) then come from
     the trainer's own teacher-forced pass, and the step logs the engine-vs-trainer gap over the sampled tokens
-    (``engine_logprob_gap_mean``, ``engine_logprob_gap_max``)."""
+    (``engine_logprob_gap_mean``, ``engine_logprob_gap_max``). ``span_rewards``: also the span penalties alone
+    per token (:attr:`Rollout.span_rewards`, GRPO's span advantages)."""
     t0 = clock()
     k = samples_per_prompt
     prompts, prompt_mask = policy.encode_sources(sources)  # one row per source
@@ -135,10 +137,11 @@ def collect_rollout(policy: Policy, reference: ReferencePolicy, rewarder: Reward
     if references is not None:
         references = [r for r in references for _ in range(k)]
     group = torch.arange(len(sources)) // k
-    scored = rewarder(sources, None, references, response_ids(responses, rmask))
+    scored = rewarder(sources, None, references, response_ids(responses, rmask), span_rewards=span_rewards)
     rewards = reward_tensor(scored.token_rewards, responses.shape, rmask)
     span_rewards = None if scored.span_rewards is None else reward_tensor(scored.span_rewards, responses.shape, rmask)
-    guard_stats = guard_metrics(rewarder.guards, sources, scored.hypotheses, scored.guards)
+    guard_stats = guard_metrics(rewarder.guards, sources, scored.hypotheses, scored.guards) \
+        if rewarder.check_guards else {}
     t_score = clock() - t0 - t_gen
     rows = chunks(len(sources), gen.rollout_batch_size)
     ref_logprobs = torch.cat([reference.logprobs(queries[r], qmask[r], responses[r], rmask[r], gen.temperature)

@@ -47,7 +47,7 @@ from mtrl.algorithms import (
     build_offline,
     build_online,
 )
-from mtrl.algorithms.offline_data import check_lengths, offline_rows
+from mtrl.algorithms.offline_data import load_offline_data, offline_rows
 from mtrl.datasets import batch_indices, load_pairs
 from mtrl.errors import DetectorOutOfMemory, MtrlError, one_line
 from mtrl.evaluate import comet_scores, score_translations, translate
@@ -163,6 +163,7 @@ class Run:
     prior: Prior
     quiet: bool
     t_start: float
+    offline_data: list[dict[str, Any]] | None = None  # offline.data, read once in setup (checked, token ids added)
 
     @property
     def run_dir(self) -> Path:
@@ -242,12 +243,11 @@ def setup(recipe: Recipe, accelerator: Any, guard: RunDirGuard, resume: bool, qu
     policy = build_policy(recipe.policy, recipe.policy.model, recipe.data.src_lang,
                           recipe.data.tgt_lang).to(accelerator.device)
     rewarder = Rewarder(recipe.reward, detector, policy.tokenizer, use_reference=recipe.detector.use_reference,
-                        language=recipe.data.tgt_lang)
+                        language=recipe.data.tgt_lang, log_guards=True)
     # the algorithm owns its optimiser, reference model and value head, if any
     build = build_offline if recipe.algorithm.name in OFFLINE else build_online
     algorithm = build(recipe.algorithm, policy, rewarder, recipe.generation, accelerator, recipe.train.steps)
-    if recipe.algorithm.name in OFFLINE:
-        check_lengths(recipe.offline, policy)
+    offline_data = load_offline_data(recipe.offline, policy) if recipe.algorithm.name in OFFLINE else None
     if n_proc > 1:  # each process samples from its own stream
         seed_everything(process_seed(recipe.seed, rank))
     prior = read_prior(recipe, run_dir, "cpu", quiet) if resume else Prior()
@@ -260,7 +260,7 @@ def setup(recipe: Recipe, accelerator: Any, guard: RunDirGuard, resume: bool, qu
         if prior.checkpoint:
             set_aside_damaged(prior.damaged, prior.checkpoint.path)
     return Run(recipe, accelerator, n_proc, rank, guard, train_pairs, eval_pairs, policy, rewarder, eval_detector, algorithm,
-               prior, quiet, t_start)
+               prior, quiet, t_start, offline_data)
 
 
 # --------------------------------------------------------------------------- 2. evaluate
@@ -313,7 +313,7 @@ def fit_offline(r: Run, algorithm: OfflineAlgorithm, log: RunLog) -> FitResult:
     recipe = r.recipe
     data = OfflineData(r.train_pairs, lambda: offline_rows(recipe.offline, r.policy, r.rewarder, r.train_pairs,
                                                            r.run_dir / "offline", recipe.generation.max_new_tokens,
-                                                           recipe.seed, log),
+                                                           recipe.seed, log, r.offline_data),
                        seed=recipe.seed, temperature=recipe.offline.temperature)
     return algorithm.fit(data, log)
 

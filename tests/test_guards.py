@@ -105,7 +105,7 @@ def test_on_by_default_only_without_references(tokenizer):
 
 
 def test_token_mode_puts_critical_penalties_on_what_trips(tokenizer):
-    out = rewarder(tokenizer)([SRC, SRC, SRC], [DE, SRC, ""], None)
+    out = rewarder(tokenizer)([SRC, SRC, SRC], [DE, SRC, ""], None, span_rewards=True)
     assert out.guards == [[], ["copy", "language"], ["empty"]]
     clean, copy, empty = out.token_rewards
     assert set(clean) == {0.0}
@@ -115,17 +115,23 @@ def test_token_mode_puts_critical_penalties_on_what_trips(tokenizer):
     assert empty == [-10.0]  # the empty output's only token, EOS
     assert out.scores == [0.9, 0.0, 0.0]  # the detector's worst score (the floor)
     assert out.span_rewards == out.token_rewards  # in token mode the span rewards are the rewards
+    assert rewarder(tokenizer)([SRC], [DE], None).span_rewards is None  # computed only when asked for
 
 
-def test_guards_off_count_trips_but_change_nothing(tokenizer):
-    off = rewarder(tokenizer, enabled=False)([SRC, SRC], [DE, SRC], None)
+def test_guards_off_count_trips_for_training_but_change_nothing(tokenizer):
+    cfg = RewardConfig(guards=GuardConfig(enabled=False))
+    off = Rewarder(cfg, Constant(), tokenizer, use_reference=False, language="de", log_guards=True)([SRC, SRC],
+                                                                                                  [DE, SRC], None)
     assert off.guards == [[], ["copy", "language"]]
     assert off.scores == [0.9, 0.9] and set(off.token_rewards[1]) == {0.0}
+    # mtrl score with the guards off does not check them at all
+    quiet = Rewarder(cfg, Constant(), tokenizer, use_reference=False, language="de")([SRC], [SRC], None)
+    assert quiet.guards == [[]]
 
 
 @pytest.mark.parametrize("mode", ["sentence", "hybrid"])
 def test_sentence_modes_floor_the_score(tokenizer, mode):
-    out = rewarder(tokenizer, mode=mode)([SRC, SRC], [DE, "Ein Mann."], None)
+    out = rewarder(tokenizer, mode=mode)([SRC, SRC], [DE, "Ein Mann."], None, span_rewards=True)
     assert out.scores == [0.9, 0.0]
     assert out.token_rewards[0][-1] == pytest.approx(0.9)
     if mode == "sentence":

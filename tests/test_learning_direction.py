@@ -23,7 +23,7 @@ class SignRewarder(Rewarder):
     def __init__(self, tokenizer):
         super().__init__(RewardConfig(mode="sentence"), None, tokenizer)
 
-    def __call__(self, sources, hypotheses, references, token_ids=None, detections=None):
+    def __call__(self, sources, hypotheses, references, token_ids=None, detections=None, span_rewards=False):
         texts, _ = hypothesis_intervals(self.tokenizer, token_ids)
         rewards = [[1.0 if i % 2 == 0 else -1.0] * len(ids) for i, ids in enumerate(token_ids)]
         n = len(sources)

@@ -1,8 +1,9 @@
-"""What the online algorithms share: masked statistics, the KL penalty, the optimiser, sharded parameters
-gathered for a rollout, the step's metrics.
+"""What the online algorithms share: masked statistics, the KL penalty, the optimiser, the state every one of
+them holds around its own update (:class:`OnlineState`), sharded parameters gathered for a rollout, the step's
+metrics.
 
-Each algorithm file (``ppo.py``, ``reinforce.py``) reads top to bottom on its own;
-this module holds only the small pieces both would otherwise copy.
+Each algorithm file (``ppo.py``, ``reinforce.py``, ``grpo.py``) reads top to bottom on its own: its config, its
+advantages and its update; this module holds only the pieces they would otherwise copy.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 
 from mtrl.detectors.spans import SEVERITIES
-from mtrl.rollout import clock
+from mtrl.policy import ReferencePolicy
+from mtrl.rollout import Rollout, clock, collect_rollout
 from mtrl.schema import Range
+from mtrl.vllm_engine import VLLMEngine
 
 
 @dataclass
@@ -118,12 +121,42 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: OnPolicyConfig, total_step
     return optimizer, scheduler
 
 
-class OptimizerState:
-    """Checkpoint state of an on-policy algorithm: its optimiser, LR schedule and KL coefficient."""
+class OnlineState:
+    """What an online algorithm holds and does around its own update.
 
-    optimizer: Any
-    scheduler: Any
-    kl_ctl: AdaptiveKLController
+    :meth:`setup` builds the frozen reference, the optimiser over ``groups`` and its LR schedule, the model as
+    accelerate prepared it, the KL coefficient and, with ``generation.engine: vllm``, the engine that samples;
+    :meth:`rollout` starts a step, :meth:`end_step` ends it; ``state_dict`` is what a checkpoint keeps.
+    """
+
+    def setup(self, cfg: OnPolicyConfig, policy: Any, rewarder: Any, gen: Any, accelerator: Any,
+              total_steps: int, groups: list[dict[str, Any]]) -> None:
+        self.cfg, self.policy, self.rewarder, self.gen, self.accelerator = cfg, policy, rewarder, gen, accelerator
+        self.reference = ReferencePolicy(policy)
+        self.optimizer, self.scheduler = make_optimizer(groups, cfg, total_steps)
+        # the scheduler is not prepared: accelerate would step it once per process
+        self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
+        # half/mixed precision: old log-probs from the update's own forward (see collect_rollout)
+        self.recompute = self.model if half_precision(policy, accelerator) else None
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        # generation.engine vllm: an engine in this process samples the rollouts (mtrl.vllm_engine)
+        self.engine = VLLMEngine(policy, gen.vllm, gen.max_new_tokens, torch.initial_seed() % 2**31) \
+            if gen.engine == "vllm" else None
+
+    def rollout(self, sources: Any, references: Any, with_values: bool, span_rewards: bool = False) -> Rollout:
+        """Sample, reward and reference-score this step's sources (sharded parameters gathered once)."""
+        with full_parameters(self.model, self.accelerator):
+            return collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
+                                   self.cfg.samples_per_prompt, with_values=with_values, recompute=self.recompute,
+                                   engine=self.engine, span_rewards=span_rewards)
+
+    def end_step(self, kl: torch.Tensor, n_sources: int) -> None:
+        """After the update: the LR schedule, the engine's weights, the KL coefficient from the step's KL."""
+        self.scheduler.step()
+        if self.engine is not None:  # the engine samples the next step from the updated weights
+            with full_parameters(self.model, self.accelerator):
+                self.engine.load_weights(self.policy.model)
+        self.kl_ctl.update_global(kl.sum(1), n_sources, self.accelerator)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -29,22 +29,17 @@ from typing import Annotated, Any, Literal
 import torch
 
 from mtrl.algorithms.common import (
-    AdaptiveKLController,
+    OnlineState,
     OnPolicyConfig,
-    OptimizerState,
-    full_parameters,
-    half_precision,
     kl_penalty,
-    make_optimizer,
     masked_mean,
     masked_whiten,
     rollout_metrics,
 )
-from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
+from mtrl.policy import GenerationConfig, Policy
 from mtrl.rewards import Rewarder
-from mtrl.rollout import Rollout, clock, collect_rollout
+from mtrl.rollout import Rollout, clock
 from mtrl.schema import Range
-from mtrl.vllm_engine import VLLMEngine
 
 
 @dataclass
@@ -86,28 +81,18 @@ def advantages(rewards: torch.Tensor, span_rewards: torch.Tensor | None, mask: t
     return adv
 
 
-class GRPO(OptimizerState):
+class GRPO(OnlineState):
     """The policy, the frozen reference, the optimiser and the KL coefficient."""
 
     def __init__(self, cfg: GRPOConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig,
                  accelerator: Any, total_steps: int):
-        self.cfg, self.policy, self.rewarder, self.gen, self.accelerator = cfg, policy, rewarder, gen, accelerator
-        self.reference = ReferencePolicy(policy)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = make_optimizer([{"params": params}], cfg, total_steps)
-        self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
-        self.recompute = self.model if half_precision(policy, accelerator) else None
-        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.engine = VLLMEngine(policy, gen.vllm, gen.max_new_tokens, torch.initial_seed() % 2**31) \
-            if gen.engine == "vllm" else None
+        self.setup(cfg, policy, rewarder, gen, accelerator, total_steps,
+                   [{"params": [p for p in policy.parameters() if p.requires_grad]}])
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
         """One GRPO step on a batch of sources; returns the step's metrics."""
         t0 = clock()
-        with full_parameters(self.model, self.accelerator):
-            ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
-                                 self.cfg.samples_per_prompt, with_values=False,
-                                 recompute=self.recompute, engine=self.engine)
+        ro = self.rollout(sources, references, with_values=False, span_rewards=self.cfg.span_advantages)
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask  # the sampled KL, logged and adapted on
         rewards = ro.rewards
@@ -116,11 +101,7 @@ class GRPO(OptimizerState):
         t_update = clock()
         stats = self.update(ro, rewards)
         t_update = clock() - t_update
-        self.scheduler.step()
-        if self.engine is not None:
-            with full_parameters(self.model, self.accelerator):
-                self.engine.load_weights(self.policy.model)
-        self.kl_ctl.update_global(kl.sum(1), len(sources), self.accelerator)
+        self.end_step(kl, len(sources))
         return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
 

@@ -72,14 +72,21 @@ def read_offline_data(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def check_lengths(cfg: OfflineConfig, policy: Policy) -> None:
-    """Refuse, before any work, ``offline.data`` rows the policy cannot read whole: a translation (with a causal
-    policy's prompt) longer than the model's positions. Sampled rows are never longer (``max_new_tokens``)."""
+def load_offline_data(cfg: OfflineConfig, policy: Policy) -> list[dict[str, Any]] | None:
+    """``offline.data`` read once, before any work, each row with the token ids the policy would emit
+    (:func:`policy_target_ids`, unless it has its own); a row the policy cannot read whole (a translation, with a
+    causal policy's prompt, longer than the model's positions) is refused. None without ``offline.data``: the
+    policy's own samples are never longer (``max_new_tokens``)."""
+    if not cfg.data:
+        return None
+    # a row's own token_rewards belong to its own token_ids: without those they are dropped (and made again)
+    rows = [r if r.get("token_ids") else
+            {**{k: v for k, v in r.items() if k != "token_rewards"}, "token_ids": policy_target_ids(policy, r["mt"])}
+            for r in read_offline_data(cfg.data)]
     limit = policy.max_positions
-    if not cfg.data or limit is None:
-        return
-    rows = read_offline_data(cfg.data)
-    lengths = [len(r["token_ids"]) if r.get("token_ids") else len(policy_target_ids(policy, r["mt"])) for r in rows]
+    if limit is None:
+        return rows
+    lengths = [len(r["token_ids"]) for r in rows]
     if policy.kind == "causal":
         lengths = [n + p for n, p in zip(lengths, policy.source_lengths([r["src"] for r in rows]))]
     too_long = [(i, n) for i, n in enumerate(lengths, 1) if n > limit]
@@ -88,6 +95,7 @@ def check_lengths(cfg: OfflineConfig, policy: Policy) -> None:
         what = "prompt and translation" if policy.kind == "causal" else "translation"
         raise MtrlError(f"offline.data {cfg.data}: row {i}'s {what} is {n} tokens, more than the policy's {limit} "
                         f"positions ({len(too_long)} of {len(rows)} rows are); split or drop such rows")
+    return rows
 
 
 def reward_given_spans(rows: list[dict[str, Any]], rewarder: Rewarder, where: str,
@@ -118,9 +126,11 @@ def reward_given_spans(rows: list[dict[str, Any]], rewarder: Rewarder, where: st
 
 
 def offline_rows(cfg: OfflineConfig, policy: Policy, rewarder: Rewarder, train_pairs: Sequence[tuple[str, str]],
-                 out_dir: Path, max_new_tokens: int, seed: int, log: RunLog) -> list[dict[str, Any]]:
-    """Labelled rows with ``token_ids``, ``token_rewards`` and ``spans``: read from ``cfg.data``, or sampled from
-    the policy and labelled into ``out_dir/labelled.jsonl``.
+                 out_dir: Path, max_new_tokens: int, seed: int, log: RunLog,
+                 data: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Labelled rows with ``token_ids``, ``token_rewards`` and ``spans``: read from ``cfg.data`` (``data``: the
+    rows :func:`load_offline_data` read already), or sampled from the policy and labelled into
+    ``out_dir/labelled.jsonl``.
 
     ``cfg.data`` (see :func:`read_offline_data` for the formats) is completed as needed:
 
@@ -135,16 +145,15 @@ def offline_rows(cfg: OfflineConfig, policy: Policy, rewarder: Rewarder, train_p
     """
     labelled = Path(out_dir) / "labelled.jsonl"
     if cfg.data:
-        rows = read_offline_data(cfg.data)
-        if all("token_ids" in r and "token_rewards" in r for r in rows):
+        rows = data if data is not None else load_offline_data(cfg, policy)
+        if all("token_rewards" in r for r in rows):
             return rows
         annotated = ["spans" in r for r in rows]
         if any(annotated) and not all(annotated):
             raise MtrlError(f"{cfg.data}: row {annotated.index(False) + 1} has no spans while others have; give "
                             "every row its spans (an empty list when it has no error), or none")
         empty = sum(not r["mt"].strip() for r in rows)
-        rows = [{**r, "token_ids": r.get("token_ids") or policy_target_ids(policy, r["mt"])}
-                for r in rows if r["mt"].strip()]
+        rows = [r for r in rows if r["mt"].strip()]
         if all(annotated):
             log.message(f"mtrl: rewarding the given spans of {len(rows)} rows of {cfg.data} ({empty} empty skipped) ...")
             rows = reward_given_spans(rows, rewarder, str(cfg.data))

@@ -28,21 +28,17 @@ import torch
 
 from mtrl.algorithms.common import (
     AdaptiveKLController,
+    OnlineState,
     OnPolicyConfig,
-    OptimizerState,
-    full_parameters,
-    half_precision,
     kl_penalty,
-    make_optimizer,
     masked_mean,
     masked_whiten,
     rollout_metrics,
 )
-from mtrl.policy import GenerationConfig, Policy, ReferencePolicy
+from mtrl.policy import GenerationConfig, Policy
 from mtrl.rewards import Rewarder
-from mtrl.rollout import Rollout, clock, collect_rollout
+from mtrl.rollout import Rollout, clock
 from mtrl.schema import Range
-from mtrl.vllm_engine import VLLMEngine
 
 __all__ = ["PPO", "PPOConfig", "AdaptiveKLController", "gae", "kl_penalty", "masked_whiten", "policy_loss",
            "value_loss"]
@@ -95,34 +91,21 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-class PPO(OptimizerState):
+class PPO(OnlineState):
     """The policy, its value head, the frozen reference, the optimiser and the KL controller."""
 
     def __init__(self, cfg: PPOConfig, policy: Policy, rewarder: Rewarder, gen: GenerationConfig,
                  accelerator: Any, total_steps: int):
-        self.cfg, self.policy, self.rewarder, self.gen, self.accelerator = cfg, policy, rewarder, gen, accelerator
         head = policy.add_value_head()
-        self.reference = ReferencePolicy(policy)
         body = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head.")]
-        self.optimizer, self.scheduler = make_optimizer(
-            [{"params": body}, {"params": list(head.parameters()), "lr": cfg.value_lr or cfg.lr}], cfg, total_steps)
-        # the scheduler is not prepared: accelerate would step it once per process
-        self.model, self.optimizer = accelerator.prepare(policy, self.optimizer)
-        # half/mixed precision: old log-probs from the update's own forward (see collect_rollout)
-        self.recompute = self.model if half_precision(policy, accelerator) else None
-        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        # generation.engine vllm: an engine in this process samples the rollouts (mtrl.vllm_engine)
-        self.engine = VLLMEngine(policy, gen.vllm, gen.max_new_tokens, torch.initial_seed() % 2**31) \
-            if gen.engine == "vllm" else None
+        self.setup(cfg, policy, rewarder, gen, accelerator, total_steps,
+                   [{"params": body}, {"params": list(head.parameters()), "lr": cfg.value_lr or cfg.lr}])
 
     def step(self, sources: Sequence[str], references: Sequence[str | None] | None) -> dict[str, float]:
         """One PPO step on a batch of sources; returns the step's metrics."""
         t0 = clock()
         # 1. rollout: sample, reward every token, old log-probs and values, reference log-probs
-        with full_parameters(self.model, self.accelerator):
-            ro = collect_rollout(self.policy, self.reference, self.rewarder, sources, references, self.gen,
-                                 self.cfg.samples_per_prompt, with_values=True,
-                                 recompute=self.recompute, engine=self.engine)
+        ro = self.rollout(sources, references, with_values=True)
         # 2. KL shaping: what PPO optimises is the reward minus the KL penalty to the reference
         mask = ro.response_mask.float()
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.kl_estimator) * mask
@@ -131,11 +114,7 @@ class PPO(OptimizerState):
         t_update = clock()
         stats = self.update(ro, rewards)
         t_update = clock() - t_update
-        self.scheduler.step()
-        if self.engine is not None:  # the engine samples the next step from the updated weights
-            with full_parameters(self.model, self.accelerator):
-                self.engine.load_weights(self.policy.model)
-        self.kl_ctl.update_global(kl.sum(1), len(sources), self.accelerator)
+        self.end_step(kl, len(sources))
         return {**rollout_metrics(ro, rewards, kl, self.kl_ctl.value, t0, t_update), **stats,
                 "lr": self.scheduler.get_last_lr()[0]}
 

@@ -55,9 +55,10 @@ class RewardOutput:
     scores: list[float]  # the sentence score of each row (the detector's, or the r3hf scorer's)
     token_ids: list[list[int]] | None  # the tokens the rewards belong to (None without a tokenizer)
     token_rewards: list[list[float]] | None  # one reward per token id, ``scale`` applied
-    guards: list[list[str]] = field(default_factory=list)  # the guards each row trips (applied or not)
-    # the span penalties alone on the tokens (``reward.mode`` token's rewards, ``scale`` applied), whatever the
-    # mode: GRPO's span advantages
+    # the guards each row trips (applied or, with ``log_guards``, only counted); empty lists when not checked
+    guards: list[list[str]] = field(default_factory=list)
+    # with ``span_rewards=True``: the span penalties alone on the tokens (``reward.mode`` token's rewards, ``scale``
+    # applied), whatever the mode: GRPO's span advantages
     span_rewards: list[list[float]] | None = None
 
 
@@ -127,11 +128,12 @@ class Rewarder:
     ``tokenizer``: the policy's; without one there are spans and scores but no token rewards.
     ``use_reference``: whether the detector sees references (xCOMET's QE mode when False; a
     detector that needs references always gets them). ``language``: the target language (a name or an
-    ISO 639-1 code) for the language guard, unless ``reward.guards.language`` names it.
+    ISO 639-1 code) for the language guard, unless ``reward.guards.language`` names it. ``log_guards``: check the
+    guards even when they are off, so that training can log their trip rates (``mtrl score`` does not).
     """
 
     def __init__(self, config: RewardConfig, detector: Detector | None, tokenizer: Any = None,
-                 use_reference: bool = True, language: str | None = None):
+                 use_reference: bool = True, language: str | None = None, log_guards: bool = False):
         self.config, self.detector, self.tokenizer = config, detector, tokenizer
         if detector is None and config.uses_scorer and config.scorer == "detector":
             raise MtrlError(f"reward.scorer 'detector' with mode {config.mode!r} needs a detector")
@@ -149,6 +151,7 @@ class Rewarder:
         scores_qe = not self.use_reference and any(x is not None and not x.needs_reference
                                                    for x in (detector, self.scorer))
         self.guards_on = g.enabled if g.enabled is not None else scores_qe
+        self.check_guards = self.guards_on or log_guards
         self.guards = Guards(g, self._guard_language(language))
         # the floors of a tripped hypothesis: the detector's score, and the scorer's (r3hf, hybrid)
         self.floor = g.floor if g.floor is not None else (detector.worst_score if detector is not None else 0.0)
@@ -248,10 +251,11 @@ class Rewarder:
     # ------------------------------------------------------------------ rewards
     def __call__(self, sources: Sequence[str], hypotheses: Sequence[str] | None,
                  references: Sequence[str | None] | None, token_ids: Sequence[Sequence[int]] | None = None,
-                 detections: Sequence[Detection] | None = None) -> RewardOutput:
+                 detections: Sequence[Detection] | None = None, span_rewards: bool = False) -> RewardOutput:
         """Rewards of a batch. ``hypotheses`` None: decoded from ``token_ids`` (training);
         ``token_ids`` None: the hypotheses encoded with the tokenizer (score, label).
-        ``detections``: given spans and scores (human annotations) instead of the detector's."""
+        ``detections``: given spans and scores (human annotations) instead of the detector's.
+        ``span_rewards``: also the span penalties alone per token (:attr:`RewardOutput.span_rewards`)."""
         cfg = self.config
         if hypotheses is None and token_ids is None:
             raise MtrlError("the rewarder needs hypotheses or token ids")
@@ -282,7 +286,7 @@ class Rewarder:
             elif self.scorer is not None:  # hybrid, another scorer's score on the last token
                 sentence = _cached(self.sentence, list(zip(sources, texts, self._scorer_refs(references, n))),
                                    self._score)
-        trips = self.guards.check_batch(sources, texts)
+        trips = self.guards.check_batch(sources, texts) if self.check_guards else [[] for _ in texts]
         if self.guards_on:
             dets = [self._guarded(d, t) for d, t in zip(dets, trips)]
         scores = [float(s) for s in (full if cfg.mode == "r3hf" else [d.score for d in dets])]
@@ -298,7 +302,7 @@ class Rewarder:
             return RewardOutput(texts, dets, scores, None, None, tripped)
 
         rewards, spans = [], []
-        as_token = dataclasses.replace(cfg, mode="token")
+        as_token = dataclasses.replace(cfg, mode="token") if span_rewards else cfg
         for i, (det, text, offs, sent) in enumerate(zip(dets, texts, offsets, sentence)):
             if not offs:
                 rewards.append([])
@@ -307,14 +311,17 @@ class Rewarder:
             r = list(dense[i]) if cfg.mode == "r3hf" else token_rewards(det, text, offs, cfg, sentence_score=sent)
             if dense is not None and cfg.mode == "hybrid":
                 r = [a + cfg.hybrid_weight * b for a, b in zip(r, dense[i])]
-            s = token_rewards(det, text, offs, as_token)
-            if self.guards_on and any(t.end <= t.start for t in trips[i]):  # a guard that covers nothing (empty,
-                s[-1] += self.critical                                     # too short): on the final token
-                if cfg.mode in ("token", "hybrid"):
-                    r[-1] += self.critical
+            # a guard that covers nothing (empty, too short): the critical penalty on the final token
+            final = self.critical if self.guards_on and any(t.end <= t.start for t in trips[i]) else 0.0
+            if final and cfg.mode in ("token", "hybrid"):
+                r[-1] += final
             rewards.append(self._scaled(r))
-            spans.append(self._scaled(s))
-        return RewardOutput(texts, dets, scores, token_ids, rewards, tripped, spans)
+            if span_rewards:
+                s = r if cfg.mode == "token" else token_rewards(det, text, offs, as_token)
+                if final and cfg.mode != "token":
+                    s[-1] += final
+                spans.append(self._scaled(s))
+        return RewardOutput(texts, dets, scores, token_ids, rewards, tripped, spans if span_rewards else None)
 
     def _scaled(self, rewards: list[float]) -> list[float]:
         return (np.asarray(rewards, dtype=np.float32) * np.float32(self.config.scale)).tolist()  # float32, as trained
